@@ -1,0 +1,3 @@
+from digi2real.cli import main
+
+raise SystemExit(main())

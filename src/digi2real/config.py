@@ -1,0 +1,258 @@
+"""Typed settings for every stage and for a whole experiment, loaded from YAML.
+
+Each stage reads one section; ``ExperimentConfig`` gathers them. Unknown keys, wrong types and out-of-range values are
+refused with a one-line message naming the field (``plan.alpha``), the value and what is allowed. CLI flags override
+values through :func:`apply_overrides` with dotted keys (``plan.alpha=1.5``), validated the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from digi2real.errors import ConfigError
+
+DEFAULT_ARCFACE = "FoivosPar/Arc2Face:arcface.onnx"
+
+
+class Section(BaseModel):
+    """Base of every settings block: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Section):
+    """Where the rendered identities come from (paper section 3, "Sampling Identities")."""
+
+    kind: Literal["auto", "procedural", "digiface", "folder"] = Field(
+        "auto",
+        description="auto: DigiFace zips/folders or a folder-per-identity tree, detected from `path`; procedural: the "
+        "built-in parametric face renderer (no files needed); digiface: DigiFace-1M folders or zips; folder: any "
+        "folder-per-identity image set.",
+    )
+    path: Path | None = Field(None, description="Root of the images (required unless kind is procedural).")
+    identities: int = Field(200, gt=0, description="procedural only: number of identities to render.")
+    images_per_identity: int = Field(5, gt=0, description="procedural only: images rendered per identity.")
+    seed: int = Field(0, ge=0, description="procedural only: seed of the identity parameters and nuisances.")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "SourceConfig":
+        if self.kind != "procedural" and self.path is None:
+            raise ValueError(f"source.path is required when source.kind is {self.kind!r} (or set kind: procedural)")
+        return self
+
+
+class EncoderConfig(Section):
+    """The ArcFace identity encoder (an ONNX model taking aligned 112 x 112 RGB crops)."""
+
+    model: str = Field(
+        DEFAULT_ARCFACE,
+        description="A local .onnx path, or 'org/repo:file.onnx' on the Hugging Face hub (downloaded once into its "
+        "cache). Default: Arc2Face's arcface.onnx, the encoder Arc2Face was trained with.",
+    )
+    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="onnxruntime device; auto prefers CUDA.")
+    batch_size: int = Field(64, gt=0, description="Images per forward pass.")
+    normalize: Literal["auto", "outside", "inside"] = Field(
+        "auto",
+        description="outside: feed (x - 127.5) / 127.5; inside: the graph normalises itself, feed raw 0..255; auto: "
+        "detect from the graph's first nodes as insightface does.",
+    )
+    embedding_dim: int = Field(512, gt=0, description="Expected output size; a model with another size is refused.")
+
+
+class EmbedConfig(Section):
+    """`embed`: ArcFace embeddings of the source images (paper section 3: five images per identity)."""
+
+    images_per_identity: int | None = Field(
+        5, gt=0, description="Embed the first k images of each identity (the paper: 5); null embeds all."
+    )
+    chunk_size: int = Field(2048, gt=0, description="Images per resumable part written to disk.")
+    workers: int = Field(2, ge=0, description="Threads decoding images ahead of the encoder (0: decode inline).")
+
+
+class SelectConfig(Section):
+    """`select`: identity prototypes and the paper's similarity filtering (section 4.1, Tables 3-4)."""
+
+    method: Literal["least_similar", "greedy"] = Field(
+        "least_similar",
+        description="least_similar: sort identities by their maximum cosine to any other prototype and keep the n "
+        "lowest (the paper); greedy: walk identities from least to most similar and keep one only if its cosine "
+        "to every kept identity is below `threshold`.",
+    )
+    n: int | None = Field(20000, gt=0, description="How many identities to keep (null: all that pass).")
+    threshold: float | None = Field(
+        None, gt=-1.0, le=1.0, description="greedy only: maximum allowed cosine between two kept prototypes."
+    )
+    min_images: int = Field(1, gt=0, description="Identities with fewer embedded images are not eligible.")
+    block_size: int = Field(1024, gt=0, description="Rows of the similarity matrix computed at once (memory bound).")
+
+    @model_validator(mode="after")
+    def _greedy_needs_threshold(self) -> "SelectConfig":
+        if self.method == "greedy" and self.threshold is None:
+            raise ValueError("select.threshold is required when select.method is 'greedy' (e.g. 0.6)")
+        return self
+
+
+class PlanConfig(Section):
+    """`plan`: the images to generate, one row each (paper section 3, eqs. 3-5, "Dataset Generation")."""
+
+    images_per_identity: int = Field(20, gt=0, description="Images generated per identity (paper: 20).")
+    images_per_latent: int = Field(5, gt=0, description="Images generated from each SLERP latent (paper: 5).")
+    alpha: float = Field(2.0, gt=0.0, description="t ~ Beta(alpha, alpha) along the SLERP path (paper: 2; 1 = uniform).")
+    seed: int = Field(0, ge=0, description="Run seed; every image's seed derives from (seed, identity, image index).")
+
+
+class DetectorConfig(Section):
+    """MTCNN face detection (FACTS 5)."""
+
+    thresholds: tuple[float, float, float] = Field(
+        (0.6, 0.7, 0.7), description="P-Net, R-Net, O-Net score thresholds (facenet-pytorch; AdaFace uses 0.6,0.7,0.9)."
+    )
+    factor: float = Field(0.709, gt=0.0, lt=1.0, description="Image pyramid scale step.")
+    min_face_size: int = Field(20, gt=0, description="Smallest face searched for, in pixels.")
+    pick: Literal["largest", "confident", "central"] = Field("largest", description="Which face to keep when several.")
+    pad_retry: float = Field(
+        0.5, ge=0.0, description="When no face is found, retry on a canvas padded by this fraction of the side (0: off)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="torch device for the detector.")
+    batch_size: int = Field(8, gt=0, description="Images of the same size detected together.")
+
+
+class AlignConfig(Section):
+    """`align`: 5-point similarity alignment to the ArcFace template (FACTS 3)."""
+
+    size: int = Field(112, gt=0, description="Side of the aligned square crop (the template is scaled from 112).")
+    format: Literal["png", "jpg"] = Field("png", description="File format of aligned crops.")
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+
+
+class ExperimentConfig(Section):
+    """A whole experiment: one section per stage."""
+
+    name: str = Field("experiment", min_length=1, description="Name used in reports and dataset cards.")
+    output_dir: Path = Field(Path("runs/experiment"), description="Where every stage writes its artifacts.")
+    source: SourceConfig = Field(default_factory=lambda: SourceConfig(kind="procedural"))
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+
+
+def _allowed(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return model
+
+
+def _format_error(err: dict, model: type[BaseModel], origin: str) -> str:
+    loc = tuple(str(p) for p in err.get("loc", ()))
+    where = ".".join(loc) or "(top level)"
+    prefix = f"{origin}: " if origin else ""
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        return f"{prefix}{where}: unknown key; allowed keys here: {_allowed(parent)}"
+    if err["type"] == "missing":
+        return f"{prefix}{where}: required value is missing"
+    if err["type"] == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{prefix}{where}: {err.get('input')!r} is not allowed; choose one of {expected}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if "input" in err and not isinstance(err["input"], dict):
+        return f"{prefix}{where}: {msg} (got {err['input']!r})"
+    return f"{prefix}{where}: {msg}" if loc else f"{prefix}{msg}"
+
+
+def validate_config(model: type[Section], data: Any, origin: str = "") -> Any:
+    """Build ``model`` from plain data, turning validation failures into one-line :class:`ConfigError`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin or 'config'}: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = _format_error(errors[0], model, origin)
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ConfigError(first + more) from None
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return data or {}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``plan.alpha=1.5`` -> (["plan", "alpha"], 1.5); the value is parsed as YAML (numbers, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE with a dotted key, e.g. --set plan.alpha=1.5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return [k for k in key.strip().split(".") if k], value
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Return a copy of ``data`` with dotted-key overrides set (values of None in ``overrides`` are ignored)."""
+    import copy
+
+    out = copy.deepcopy(data) if data else {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        keys = dotted.split(".")
+        node = out
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
+    return out
+
+
+def load_experiment(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Load an experiment YAML (or the defaults when ``path`` is None) and apply overrides."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or {})
+    cfg = validate_config(ExperimentConfig, data, origin=str(path) if path else "")
+    if path is not None and cfg.source.path is not None and not cfg.source.path.is_absolute():
+        # Relative data paths in a config file are relative to the file, so configs travel with their data.
+        candidate = (Path(path).parent / cfg.source.path)
+        if candidate.exists() and not cfg.source.path.exists():
+            cfg.source.path = candidate
+    return cfg
+
+
+def load_section(model: type[Section], path: str | os.PathLike[str] | None, section: str,
+                 overrides: dict[str, Any] | None = None) -> Any:
+    """Load one stage's section from an experiment YAML (or defaults), then apply flag overrides to it."""
+    data = load_yaml(path) if path is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    block = data.get(section, {}) or {}
+    block = apply_overrides(block, overrides or {})
+    return validate_config(model, block, origin=f"{path}: {section}" if path else section)
