@@ -217,13 +217,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
-    """Return a copy of ``data`` with dotted-key overrides set (values of None in ``overrides`` are ignored)."""
+    """Return a copy of ``data`` with dotted-key overrides set (a None value sets the key to null)."""
     import copy
 
     out = copy.deepcopy(data) if data else {}
     for dotted, value in overrides.items():
-        if value is None:
-            continue
         keys = dotted.split(".")
         node = out
         for key in keys[:-1]:

@@ -1,0 +1,315 @@
+"""The `digi2real` command line: one sub-command per pipeline stage.
+
+Thin on purpose: parse flags, load the config (YAML + flag overrides), call the stage's function, print a summary.
+Errors caused by input are printed as one line and exit with status 2; an interrupted stage exits 130 and resumes
+when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from digi2real import __version__
+from digi2real.errors import Digi2RealError
+
+PIPELINE = """\
+stages (each reads the previous one's output; see README.md):
+  embed     ArcFace embeddings of the source images          SOURCE  -> embeddings/
+  select    prototypes + keep the least similar identities   embeddings/ -> ids.csv
+  plan      SLERP latents and per-image seeds                 embeddings/ + ids.csv -> plan.parquet
+  align     MTCNN detection + 5-point alignment of photos     photos/ -> aligned/
+  download  fetch DigiFace-1M zips (resumable)
+  demo      run the stages on the built-in procedural faces
+"""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="YAML",
+                   help="experiment config (e.g. configs/digi2real-20k.yaml); flags override its values")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value by dotted key, e.g. --set plan.alpha=1 (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _load(args: argparse.Namespace, flags: dict[str, Any]):
+    """Experiment config from --config, then the stage flags that were given, then --set (last wins)."""
+    from digi2real.config import load_experiment, parse_override
+
+    overrides = dict(flags)
+    for item in args.set:
+        keys, value = parse_override(item)
+        overrides[".".join(keys)] = value
+    return load_experiment(args.config, overrides)
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {k.replace("__", "."): v for k, v in values.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------------------------------------- embed
+def _embed_parser(sub) -> None:
+    p = sub.add_parser(
+        "embed", formatter_class=_formatter, help="ArcFace embeddings of source images",
+        description=textwrap.dedent("""\
+            Embed the first k aligned 112x112 images of every identity with ArcFace (paper section 3: k = 5) and
+            write the embeddings artifact: embeddings.safetensors (unit rows), index.parquet (identity, path),
+            meta.json, failures.jsonl. Resumable: re-run the same command after a crash and it continues.
+
+            SOURCE is a DigiFace-1M folder (<id>/<k>.png), a folder of its zips (read without unzipping), one zip,
+            any folder-per-identity image tree, or procedural[:IDSxIMGS[:SEED]] for the built-in face renderer."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              digi2real embed data/digiface -o runs/x/embeddings
+              digi2real embed data/digiface_zips -o runs/x/embeddings -k 5 --encoder models/arcface.onnx
+              digi2real embed procedural:200x5 -o /tmp/emb --encoder mini.onnx"""),
+    )
+    p.add_argument("source", nargs="?", help="images to embed (default: the config's source section)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="embeddings directory to write")
+    p.add_argument("-k", "--per-identity", type=int, metavar="K", help="embed the first K images per identity (default 5)")
+    p.add_argument("--all", action="store_true", help="embed every image of every identity")
+    p.add_argument("--encoder", metavar="MODEL",
+                   help="ArcFace .onnx path or org/repo:file on the hub (default FoivosPar/Arc2Face:arcface.onnx)")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], help="onnxruntime device (default auto)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default 64)")
+    p.add_argument("--workers", type=int, help="decoding threads (default 2; 0 decodes inline)")
+    p.add_argument("--chunk-size", type=int, help="images per resumable part (default 2048)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output made from other inputs or settings")
+    _add_common(p)
+    p.set_defaults(func=_cmd_embed)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from digi2real.faces.arcface import ArcFaceEncoder
+    from digi2real.identity.embed import embed_source
+    from digi2real.sources import open_source, parse_source_spec
+
+    flags = _given(embed__images_per_identity=args.per_identity, encoder__model=args.encoder,
+                   encoder__provider=args.provider, encoder__batch_size=args.batch_size,
+                   embed__workers=args.workers, embed__chunk_size=args.chunk_size)
+    if args.all:
+        flags["embed.images_per_identity"] = None
+    if args.source:
+        flags["source"] = parse_source_spec(args.source).model_dump(mode="json")
+    cfg = _load(args, flags)
+    with open_source(cfg.source) as source:
+        encoder = ArcFaceEncoder.load(cfg.encoder)
+        summary = embed_source(source, encoder, args.output, cfg.embed, progress=not args.quiet,
+                               overwrite=args.overwrite)
+    if summary.already_complete:
+        print(f"{args.output}: already complete ({summary.embedded} embeddings of {summary.identities} identities)")
+    else:
+        print(f"embedded {summary.embedded} images of {summary.identities} identities in {summary.seconds:.1f} s "
+              f"({summary.failed} failed, see {args.output / 'failures.jsonl'}; {summary.resumed_parts} parts resumed)"
+              f" -> {args.output}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- select
+def _select_parser(sub) -> None:
+    p = sub.add_parser(
+        "select", formatter_class=_formatter, help="keep the N least similar identities",
+        description=textwrap.dedent("""\
+            Compute each identity's prototype (normalised mean of its embeddings), its maximum cosine similarity to
+            any other prototype, and keep the N least similar identities (paper section 4.1, Table 4). With
+            --method greedy, walk identities from least to most similar and keep one only if its cosine to every
+            identity kept so far is below --threshold. Writes ids.csv (rank, identity, max_similarity,
+            nearest_identity, images) and ids.csv.json (settings and statistics)."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              digi2real select runs/x/embeddings -n 20000 -o runs/x/ids.csv
+              digi2real select runs/x/embeddings --method greedy --threshold 0.6 -o runs/x/ids.csv"""),
+    )
+    p.add_argument("embeddings", type=Path, help="embeddings directory written by `digi2real embed`")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="CSV", help="identity list to write")
+    p.add_argument("-n", type=int, help="number of identities to keep (default 20000)")
+    p.add_argument("--all", action="store_true", help="keep every identity (ranked), or all that pass --threshold")
+    p.add_argument("--method", choices=["least_similar", "greedy"], help="selection rule (default least_similar)")
+    p.add_argument("--threshold", type=float, help="greedy: maximum cosine between two kept identities")
+    p.add_argument("--min-images", type=int, help="identities with fewer embedded images are not eligible")
+    p.add_argument("--block-size", type=int, help="similarity rows computed at once (memory: block x identities x 4 B)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_select)
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from digi2real.identity.select import select_identities, write_selection
+    from digi2real.identity.store import read_store
+
+    flags = _given(select__n=args.n, select__method=args.method, select__threshold=args.threshold,
+                   select__min_images=args.min_images, select__block_size=args.block_size)
+    if args.all:
+        flags["select.n"] = None
+    cfg = _load(args, flags)
+    store = read_store(args.embeddings)
+    selection = select_identities(store, cfg.select)
+    write_selection(args.output, selection)
+    meta = selection.meta
+    sims = meta["max_similarity_selected"]
+    print(f"selected {meta['selected']} of {meta['eligible']} identities ({cfg.select.method}) in {meta['seconds']:.1f} s;"
+          f" max similarity of the kept: median {sims.get('median', float('nan')):.3f}, max {sims.get('max', float('nan')):.3f}"
+          f" -> {args.output}")
+    if meta["note"]:
+        print(f"note: {meta['note']}", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------ plan
+def _plan_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan", formatter_class=_formatter, help="SLERP latents and seeds for every image to generate",
+        description=textwrap.dedent("""\
+            Make the generation plan (paper section 3): for each selected identity, --images images grouped in
+            latents of --per-latent; each latent is the SLERP point from the identity's prototype toward one of its
+            sample embeddings at t ~ Beta(alpha, alpha). Each image's seed derives from (seed, identity, image
+            index) only, so the plan is identical however it is sharded. Writes a Parquet table, one row per image:
+            key, identity, image_index, latent_index, sample_row, sample_path, t, seed."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              digi2real plan runs/x/embeddings --ids runs/x/ids.csv -o runs/x/plan.parquet
+              digi2real plan runs/x/embeddings --ids runs/x/ids.csv --images 10 --alpha 1 -o plan-a1.parquet
+              digi2real plan runs/x/embeddings --ids runs/x/ids.csv --shard 3/8 -o plan-3.parquet"""),
+    )
+    p.add_argument("embeddings", type=Path, help="embeddings directory written by `digi2real embed`")
+    p.add_argument("--ids", type=Path, required=True, metavar="CSV", help="identity list written by `digi2real select`")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="PARQUET", help="plan file to write")
+    p.add_argument("--images", type=int, help="images per identity (default 20)")
+    p.add_argument("--per-latent", type=int, help="images generated from each latent (default 5)")
+    p.add_argument("--alpha", type=float, help="Beta(alpha, alpha) for the SLERP fraction t (default 2)")
+    p.add_argument("--seed", type=int, help="run seed (default 0)")
+    p.add_argument("--shard", metavar="I/N", help="only this shard's identities (position modulo N)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_plan)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from digi2real.fileio import sha256_file
+    from digi2real.identity.plan import make_plan, write_plan
+    from digi2real.identity.select import read_selection
+    from digi2real.identity.store import read_store
+    from digi2real.sharding import Shard, parse_shard
+
+    cfg = _load(args, _given(plan__images_per_identity=args.images, plan__images_per_latent=args.per_latent,
+                             plan__alpha=args.alpha, plan__seed=args.seed))
+    shard = parse_shard(args.shard) if args.shard else Shard()
+    store = read_store(args.embeddings)
+    ids = read_selection(args.ids)
+    plan = make_plan(store, ids, cfg.plan, shard, inputs={"ids_file": str(args.ids), "ids_sha256": sha256_file(args.ids)})
+    write_plan(args.output, plan)
+    n_id = len(set(plan.table.column("identity").to_pylist()))
+    print(f"planned {len(plan)} images for {n_id} identities (alpha {cfg.plan.alpha}, "
+          f"{cfg.plan.images_per_identity} per identity, {cfg.plan.images_per_latent} per latent, shard {shard})"
+          f" -> {args.output}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------------- download
+def _download_parser(sub) -> None:
+    p = sub.add_parser(
+        "download", formatter_class=_formatter, help="download DigiFace-1M zips (resumable)",
+        description=textwrap.dedent("""\
+            Download DigiFace-1M (Microsoft; Research Use of Data Agreement: non-commercial research only) into a
+            directory. Interrupted downloads resume from where they stopped (HTTP Range); finished files are checked
+            against their known sizes and skipped on a re-run. `digi2real embed DIR` reads the zips directly."""),
+        epilog="examples:\n  digi2real download digiface -o data/digiface_zips             # all 8 zips\n"
+               "  digi2real download digiface -o data/digiface_zips --parts 72   # the five 72-image zips\n"
+               "  digi2real download digiface --list -o data/digiface_zips",
+    )
+    p.add_argument("dataset", choices=["digiface"], help="what to download")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="directory for the zip files")
+    p.add_argument("--parts", nargs="+", default=["all"], metavar="PART",
+                   help="default all (about 25 GB; the paper selects its identities from all 110K). " + _parts_help())
+    p.add_argument("--list", action="store_true", help="list the part names, files and sizes, then exit")
+    p.add_argument("--verify", action="store_true", help="also check every zip member's CRC (slow: reads 3 GB a zip)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before the download stops (re-run to resume)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_download)
+
+
+def _parts_help() -> str:
+    from digi2real.sources.digiface import PARTS_HELP
+
+    return PARTS_HELP
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from digi2real.sources import digiface
+
+    if args.list:
+        for name, (filename, size) in digiface.DIGIFACE_PARTS.items():
+            print(f"{name:16s} {filename:42s} {f'{size / 1e9:.2f} GB' if size else 'size unknown'}")
+        return 0
+    paths = digiface.download_digiface(args.output, args.parts, progress=not args.quiet, timeout=args.timeout,
+                                       verify=args.verify)
+    print(f"{len(paths)} file(s) ready in {args.output}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------ demo
+def _demo_parser(sub) -> None:
+    p = sub.add_parser(
+        "demo", formatter_class=_formatter, help="run the stages on built-in procedural faces",
+        description="Render procedural identities, build a miniature random ArcFace (ONNX), then embed, select and "
+                    "plan, exactly as on DigiFace. Shows the machinery, not realistic faces. A few seconds on a CPU.",
+    )
+    p.add_argument("-o", "--output", type=Path, default=Path("demo-out"), metavar="DIR", help="where to write")
+    p.add_argument("--identities", type=int, default=60, help="procedural identities to render")
+    p.add_argument("--keep", type=int, default=40, help="identities to select")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from digi2real.demo import run_demo
+
+    run_demo(args.output, identities=args.identities, keep=args.keep, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="digi2real", formatter_class=_formatter,
+        description="Realistic synthetic face-recognition data from rendered identities (the Digi2Real method).",
+        epilog=PIPELINE + "\nRun `digi2real COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"digi2real {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _embed_parser(sub)
+    _select_parser(sub)
+    _plan_parser(sub)
+    try:
+        from digi2real.faces import commands as face_commands
+    except ImportError:  # the face-geometry layer is optional at import time (its weights ship with the package)
+        face_commands = None
+    if face_commands is not None:
+        face_commands.register(sub)
+    _download_parser(sub)
+    _demo_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except Digi2RealError as exc:
+        print(f"digi2real: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("digi2real: interrupted; finished work is kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

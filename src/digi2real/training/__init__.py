@@ -1,0 +1,1 @@
+"""Face-recognition training: backbones (IResNet) and, later, margin heads and the training loop."""
