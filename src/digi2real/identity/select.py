@@ -41,14 +41,20 @@ def prototypes(embeddings: np.ndarray, labels) -> Prototypes:
 
     ``labels`` is a sequence aligned with the rows of ``embeddings``; identities keep their first-appearance order.
     """
-    embeddings = l2_normalize(np.asarray(embeddings, dtype=np.float32))
+    embeddings = np.asarray(embeddings)
     labels = list(labels)
     if len(labels) != len(embeddings):
         raise ValueError(f"{len(labels)} labels for {len(embeddings)} embeddings")
     order: dict = {}
     codes = np.fromiter((order.setdefault(lab, len(order)) for lab in labels), dtype=np.int64, count=len(labels))
     sums = np.zeros((len(order), embeddings.shape[1]), np.float64)
-    np.add.at(sums, codes, embeddings)
+    # In row chunks, so 550K x 512 embeddings never need a normalised full copy; within a chunk each run of equal
+    # labels (an identity's images are usually adjacent) is summed by reduceat, and only the run sums are scattered.
+    for start in range(0, len(codes), 65536):
+        x = l2_normalize(embeddings[start : start + 65536].astype(np.float32, copy=False))
+        c = codes[start : start + 65536]
+        runs = np.concatenate([[0], np.flatnonzero(np.diff(c)) + 1])
+        np.add.at(sums, c[runs], np.add.reduceat(x, runs, axis=0, dtype=np.float64))
     counts = np.bincount(codes, minlength=len(order))
     return Prototypes(list(order), l2_normalize(sums).astype(np.float32), counts)
 
@@ -143,7 +149,7 @@ def select_identities(store: EmbeddingStore, cfg: SelectConfig) -> Selection:
     eligible = np.flatnonzero(protos.counts >= cfg.min_images)
     if len(eligible) == 0:
         raise Digi2RealError(f"no identity has select.min_images={cfg.min_images} embedded images")
-    vectors = protos.vectors[eligible]
+    vectors = protos.vectors if len(eligible) == len(protos.labels) else protos.vectors[eligible]
     labels = [protos.labels[i] for i in eligible]
     best, nearest = max_similarity(vectors, cfg.block_size)
     order = np.argsort(best, kind="stable")
