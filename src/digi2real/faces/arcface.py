@@ -111,6 +111,7 @@ class ArcFaceEncoder:
     model_path: Path
     embedding_dim: int
     fixed_batch: bool = False
+    _sha256: str | None = None
 
     @classmethod
     def load(cls, cfg: EncoderConfig) -> "ArcFaceEncoder":
@@ -158,7 +159,10 @@ class ArcFaceEncoder:
         return self.session.get_providers()[0]  # type: ignore[attr-defined]
 
     def file_hash(self) -> str:
-        return sha256_file(self.model_path)
+        """SHA-256 of the model file, recorded in artifacts (computed once: the real file is 261 MB)."""
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.model_path)
+        return self._sha256
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         """B x 112 x 112 x 3 uint8 RGB -> B x 3 x 112 x 112 float32 as the model expects (FACTS 3)."""
