@@ -257,7 +257,8 @@ def _demo_parser(sub) -> None:
     p = sub.add_parser(
         "demo", formatter_class=_formatter, help="run the stages on built-in procedural faces",
         description="Render procedural identities, build a miniature random ArcFace (ONNX), then embed, select and "
-                    "plan, exactly as on DigiFace. Shows the machinery, not realistic faces. A few seconds on a CPU.",
+                    "plan exactly as on DigiFace, and align two real photos (scikit-image's astronaut, matplotlib's "
+                    "Grace Hopper) with the real MTCNN. Shows the machinery, not realistic faces. Seconds on a CPU.",
     )
     p.add_argument("-o", "--output", type=Path, default=Path("demo-out"), metavar="DIR", help="where to write")
     p.add_argument("--identities", type=int, default=60, help="procedural identities to render")

@@ -1,4 +1,5 @@
-"""The built-in miniature: every stage so far, on procedural faces and a miniature random ArcFace, in seconds.
+"""The built-in miniature: every stage so far, on procedural faces and a miniature random ArcFace, in seconds, plus
+`align` (the real MTCNN) on two real photos shipped by installed packages.
 
 It shows the machinery (artifacts, resumability, selection, planning) with no download. The embeddings of a random
 network carry no real identity information, so the selected identities mean nothing; on DigiFace with the real
@@ -7,6 +8,7 @@ network carry no real identity information, so the selected identities mean noth
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -48,6 +50,43 @@ def run_demo(out: Path, identities: int = 60, keep: int = 40, progress: bool = T
     plan = make_plan(store, selection.identities, PlanConfig(images_per_identity=20, images_per_latent=5, alpha=2.0))
     write_plan(out / "plan.parquet", plan)
     print(f"[demo] plan: {len(plan)} images ({keep} identities x 20, 4 SLERP latents each) -> {out / 'plan.parquet'}")
+    aligned = _align_real_photos(out, progress)
     print(f"[demo] done in {time.perf_counter() - started:.1f} s")
     return {"source": source_dir, "model": model, "embeddings": out / "embeddings", "ids": out / "ids.csv",
-            "plan": out / "plan.parquet"}
+            "plan": out / "plan.parquet", "aligned": aligned}
+
+
+def _sample_photos() -> list[Path]:
+    """Real face photos shipped inside installed packages (scikit-image's astronaut, matplotlib's Grace Hopper)."""
+    found = []
+    try:
+        import skimage
+
+        found.append(Path(skimage.__file__).parent / "data" / "astronaut.png")
+    except ImportError:
+        pass
+    try:
+        import matplotlib
+
+        found.append(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg")
+    except ImportError:
+        pass
+    return [p for p in found if p.is_file()]
+
+
+def _align_real_photos(out: Path, progress: bool) -> Path | None:
+    """`align` on real photos: MTCNN with the packaged weights, 5-point alignment to the ArcFace template."""
+    from digi2real.faces.align_stage import align_folder
+
+    photos = _sample_photos()
+    if not photos:
+        print("[demo] align: skipped (scikit-image and matplotlib, which ship the sample photos, are not installed)")
+        return None
+    src = out / "photos"
+    src.mkdir(parents=True, exist_ok=True)
+    for photo in photos:
+        if not (src / photo.name).is_file():
+            shutil.copyfile(photo, src / photo.name)
+    summary = align_folder(src, out / "aligned", progress=progress)
+    print(f"[demo] align: {summary.ok} of {summary.total} real photos aligned to 112 x 112 -> {out / 'aligned'}")
+    return out / "aligned"

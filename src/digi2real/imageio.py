@@ -49,7 +49,9 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             arr = _to_rgb_array(img, name)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:
+        raise BadImageError(f"{name}: not a readable image (unknown or damaged format); delete or replace the file") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise BadImageError(f"{name}: not a readable image ({exc}); delete or replace the file") from None
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise BadImageError(f"{name}: unexpected image layout {arr.shape}; expected H x W x 3")

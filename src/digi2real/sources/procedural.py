@@ -26,6 +26,7 @@ from typing import Literal, overload
 import numpy as np
 
 from digi2real.errors import BadImageError, ConfigError
+from digi2real.faces.template import ARCFACE_TEMPLATE
 from digi2real.imageio import write_image
 from digi2real.sources.base import ImageSource, SourceItem
 
@@ -49,18 +50,8 @@ __all__ = [
 #: Recorded in artifacts; bump whenever the drawing or the parameter sampling changes, since images then change too.
 RENDERER_VERSION = "procedural-faces-1"
 
-#: ArcFace 5-point template for a 112 x 112 crop: left eye, right eye, nose tip, left and right mouth corner (x, y).
-ARCFACE_TEMPLATE_112 = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float64,
-)
-ARCFACE_TEMPLATE_112.setflags(write=False)
+#: ArcFace 5-point template for a 112 x 112 crop (the one in faces.template): faces are drawn onto it.
+ARCFACE_TEMPLATE_112 = ARCFACE_TEMPLATE
 
 # The template as Python floats, so that arithmetic with float32 arrays never promotes to float64.
 _T = tuple((float(x), float(y)) for x, y in ARCFACE_TEMPLATE_112)
