@@ -30,7 +30,8 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
 def slerp(mu: Array, e: Array, t: Array | float) -> Array:
     """Spherical linear interpolation from ``mu`` toward ``e`` by the fraction ``t`` (paper eqs. 3 and 4).
 
-    ``theta = arccos(clip(mu . e, -1, 1))`` and ``slerp = [sin((1 - t) theta) mu + sin(t theta) e] / sin(theta)``.
+    ``slerp = [sin((1 - t) theta) mu + sin(t theta) e] / sin(theta)`` where ``theta = arccos(mu . e)`` is the angle
+    between them (eq. 4; computed in an equivalent, numerically stable form).
     ``mu`` and ``e`` are unit vectors on the last axis (batched with broadcasting); ``t`` is a scalar or broadcasts
     against the batch shape. The result has unit norm and makes the angle ``t * theta`` with ``mu``.
 
@@ -48,16 +49,20 @@ def slerp(mu: Array, e: Array, t: Array | float) -> Array:
         mu = torch.as_tensor(mu, dtype=dtype, device=ref.device)
         e = torch.as_tensor(e, dtype=dtype, device=ref.device)
         t = torch.as_tensor(t, dtype=dtype, device=ref.device)
-        lib, clip = torch, torch.clamp
+        lib = torch
     else:
         mu, e = np.asarray(mu), np.asarray(e)
         dtype = np.result_type(mu.dtype, e.dtype, np.float32)
         mu, e, t = mu.astype(dtype, copy=False), e.astype(dtype, copy=False), np.asarray(t, dtype=dtype)
-        lib, clip = np, np.clip
+        lib = np
         torch = None
 
-    cos_theta = clip((mu * e).sum(-1), -1.0, 1.0)
-    theta = lib.arccos(cos_theta)
+    # theta = arccos(mu . e) (eq. 4), evaluated as 2 atan2(|mu - e|, |mu + e|): the same angle for unit vectors, but
+    # accurate near 0 and pi, where arccos loses half the digits and the division by sin(theta) amplifies the loss.
+    if use_torch:
+        theta = 2.0 * torch.atan2(torch.linalg.vector_norm(mu - e, dim=-1), torch.linalg.vector_norm(mu + e, dim=-1))
+    else:
+        theta = 2.0 * np.arctan2(np.linalg.norm(mu - e, axis=-1), np.linalg.norm(mu + e, axis=-1))
     sin_theta = lib.sin(theta)
     # Below this, sin(theta) carries no information in the dtype's precision: treat as coincident or antipodal.
     tiny = 1e-6 if mu.dtype in (np.float64, getattr(torch, "float64", np.float64)) else 1e-4
@@ -78,9 +83,10 @@ def sample_t(rng: np.random.Generator, alpha: float, size: int | tuple[int, ...]
 
 
 def angle(a: Array, b: Array) -> Array:
-    """Angle (radians) between unit vectors on the last axis."""
+    """Angle (radians) between unit vectors on the last axis: arccos(a . b), as 2 atan2(|a - b|, |a + b|)."""
     if _is_torch(a):
         import torch
 
-        return torch.arccos(torch.clamp((a * b).sum(-1), -1.0, 1.0))
-    return np.arccos(np.clip((np.asarray(a) * np.asarray(b)).sum(-1), -1.0, 1.0))
+        return 2.0 * torch.atan2(torch.linalg.vector_norm(a - b, dim=-1), torch.linalg.vector_norm(a + b, dim=-1))
+    a, b = np.asarray(a), np.asarray(b)
+    return 2.0 * np.arctan2(np.linalg.norm(a - b, axis=-1), np.linalg.norm(a + b, axis=-1))
