@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.cbook
+import numpy as np
 import pytest
+import skimage.data
+from PIL import Image
 
+from digi2real.config import DetectorConfig
 from digi2real.miniature import build_mini_arcface
 
 
@@ -19,3 +24,24 @@ def mini_arcface(tmp_path_factory) -> Path:
 def mini_arcface_inside(tmp_path_factory) -> Path:
     """The same network with the normalisation inside the graph (first nodes Sub, Mul), as some exports have."""
     return build_mini_arcface(tmp_path_factory.mktemp("models") / "arcface_inside.onnx", seed=0, normalize_inside=True)
+
+
+@pytest.fixture(scope="session")
+def detector():
+    """The real MTCNN with the packaged weights, on the CPU."""
+    from digi2real.faces.mtcnn import MTCNN
+
+    return MTCNN.from_package(DetectorConfig(), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """scikit-image's astronaut.png (512 x 512, one face): a real photo shipped by an installed package."""
+    return np.array(skimage.data.astronaut())
+
+
+@pytest.fixture(scope="session")
+def grace() -> np.ndarray:
+    """matplotlib's grace_hopper.jpg (one face)."""
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
+        return np.array(img.convert("RGB"))

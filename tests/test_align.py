@@ -14,7 +14,7 @@ from digi2real.config import AlignConfig, DetectorConfig
 from digi2real.errors import ConfigError, Digi2RealError
 from digi2real.faces import align_stage, commands
 from digi2real.faces.detect import BAD_IMAGE, ERROR, NO_FACE, OK, detect_and_align, pick_face, to_rgb
-from digi2real.faces.mtcnn import MTCNN, Detections
+from digi2real.faces.mtcnn import Detections
 from digi2real.faces.template import (
     ARCFACE_TEMPLATE,
     align_face,
@@ -25,22 +25,6 @@ from digi2real.faces.template import (
 )
 
 
-@pytest.fixture(scope="module")
-def detector() -> MTCNN:
-    return MTCNN.from_package(DetectorConfig(), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> np.ndarray:
-    skdata = pytest.importorskip("skimage.data")
-    return np.array(skdata.astronaut())
-
-
-@pytest.fixture(scope="module")
-def grace() -> np.ndarray:
-    cbook = pytest.importorskip("matplotlib.cbook")
-    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
-        return np.array(img.convert("RGB"))
 
 
 def _similarity(angle_deg: float, scale: float, tx: float, ty: float) -> np.ndarray:

@@ -23,24 +23,6 @@ GRACE_BOX = np.array([174.4, 119.6, 355.6, 340.5])
 GRACE_LANDMARKS = np.array([[221.7, 192.2], [309.8, 186.1], [269.4, 239.2], [232.7, 279.6], [306.6, 275.9]])
 
 
-@pytest.fixture(scope="module")
-def detector() -> MTCNN:
-    return MTCNN.from_package(DetectorConfig(), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> np.ndarray:
-    skdata = pytest.importorskip("skimage.data")
-    return np.array(skdata.astronaut())
-
-
-@pytest.fixture(scope="module")
-def grace() -> np.ndarray:
-    cbook = pytest.importorskip("matplotlib.cbook")
-    from PIL import Image
-
-    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
-        return np.array(img.convert("RGB"))
 
 
 def _box_tolerance(box: np.ndarray) -> float:
