@@ -130,6 +130,32 @@ class AlignConfig(Section):
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
 
 
+VERIFICATION_SETS = ("lfw", "calfw", "cplfw", "agedb_30", "cfp_fp", "cfp_ff")
+BENCHMARKS = VERIFICATION_SETS + ("ijbb", "ijbc", "rfw")
+
+
+class EvalConfig(Section):
+    """`eval`: face-verification benchmarks in insightface's protocols (FACTS 8, 9; paper Tables 5-7)."""
+
+    benchmarks: list[Literal["lfw", "calfw", "cplfw", "agedb_30", "cfp_fp", "cfp_ff", "ijbb", "ijbc", "rfw"]] = Field(
+        default_factory=lambda: ["lfw", "calfw", "cplfw", "agedb_30", "cfp_fp", "ijbb", "ijbc", "rfw"],
+        description="Which benchmarks to run; a missing benchmark file is skipped with a warning naming its path.",
+    )
+    batch_size: int = Field(128, gt=0, description="Images per forward pass.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast precision of the backbone (fp16 only on CUDA); embeddings are summed in fp32."
+    )
+    flip: bool = Field(True, description="Embedding = sum of the image's and its horizontal flip's embeddings.")
+    folds: int = Field(10, ge=2, description="Folds of the verification protocol (insightface: 10).")
+    ijb_faceness: bool = Field(True, description="IJB: weight each image's feature by its detector (faceness) score.")
+    ijb_far: list[float] = Field(
+        default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
+        description="IJB: false accept rates at which TAR is reported (the paper reports 1e-4).",
+    )
+    ijb_chunk_pairs: int = Field(2_000_000, gt=0, description="IJB: template pairs scored at once (memory bound).")
+
+
 class ExperimentConfig(Section):
     """A whole experiment: one section per stage."""
 
@@ -141,6 +167,7 @@ class ExperimentConfig(Section):
     select: SelectConfig = Field(default_factory=SelectConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 def _allowed(model: type[BaseModel]) -> str:
