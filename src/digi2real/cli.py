@@ -285,12 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     _embed_parser(sub)
     _select_parser(sub)
     _plan_parser(sub)
-    try:
-        from digi2real.faces import commands as face_commands
-    except ImportError:  # the face-geometry layer is optional at import time (its weights ship with the package)
-        face_commands = None
-    if face_commands is not None:
-        face_commands.register(sub)
+    from digi2real.faces import commands as face_commands
+
+    face_commands.register(sub)
     _download_parser(sub)
     _demo_parser(sub)
     return parser
