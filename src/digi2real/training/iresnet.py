@@ -21,6 +21,14 @@ DEPTHS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+def feature_side(input_size: int, stem_stride: int, stages: int) -> int:
+    """Side of the last feature map: each padded 3x3 conv of stride s maps n pixels to ceil(n / s)."""
+    side = input_size
+    for stride in [stem_stride] + [2] * stages:
+        side = -(-side // stride)
+    return side
+
+
 def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
 
@@ -59,7 +67,7 @@ class IResNet(nn.Module):
             blocks = [IBasicBlock(c_in, width, 2)] + [IBasicBlock(width, width, 1) for _ in range(depth - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             c_in = width
-        side = input_size // stem_stride // 2 ** len(layers)
+        side = feature_side(input_size, stem_stride, len(layers))
         self.bn2 = nn.BatchNorm2d(c_in, eps=1e-5)
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(c_in * side * side, embedding_dim)
