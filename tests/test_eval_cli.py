@@ -249,3 +249,34 @@ def test_tables_layout_without_rfw() -> None:
     assert "Digi2Real-20K (paper)" not in markdown_tables([result], paper=False)
     rows = csv_table([result]).splitlines()
     assert rows[1] == "mine,99.5000,,,90.1250,,60.0000,,,,,,,"
+
+
+def test_folder_of_images_with_a_pairs_file(fixtures, tmp_path, capsys) -> None:
+    """--pairs NAME=FILE scores image files listed in a pairs file exactly like the same pairs packed in a .bin."""
+    images, issame = read_bin(fixtures["data"] / "lfw.bin")
+    lines = []
+    for i, same in enumerate(issame):
+        for j in (0, 1):
+            (tmp_path / "imgs" / f"{i}_{j}.png").parent.mkdir(exist_ok=True)
+            (tmp_path / "imgs" / f"{i}_{j}.png").write_bytes(images[2 * i + j])
+        lines.append(f"imgs/{i}_0.png imgs/{i}_1.png {int(same)}")
+    (tmp_path / "pairs.txt").write_text("# a custom set\n" + "\n".join(lines) + "\n")
+    out = tmp_path / "res"
+    rc = _run(["eval", str(fixtures["model"]), "--pairs", f"mine={tmp_path / 'pairs.txt'}", "-o", str(out), "-q",
+               "--device", "cpu"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["verification"]) == {"mine"}
+    model = load_face_model(fixtures["model"], EvalConfig(device="cpu"))
+    direct = evaluate_verification(model.embed(decode_pairs(images)), issame)
+    assert res["verification"]["mine"]["accuracy"] == pytest.approx(100.0 * direct.accuracy)
+    assert "| r-tiny | mine |" in (out / "results.md").read_text()
+    # an edited image invalidates the cache entry
+    (tmp_path / "imgs" / "0_0.png").write_bytes(images[2])
+    _run(["eval", str(fixtures["model"]), "--pairs", f"mine={tmp_path / 'pairs.txt'}", "-o", str(out), "-q",
+          "--device", "cpu"])
+    assert json.loads((out / "results.json").read_text())["embeddings_cache"] == {"mine": "computed"}
+    with pytest.raises(Digi2RealError, match="expected NAME=FILE"):
+        _run(["eval", str(fixtures["model"]), "--pairs", "nofile", "-o", str(out)])
+    with pytest.raises(Digi2RealError, match="nothing to evaluate"):
+        _run(["eval", str(fixtures["model"]), "-o", str(out)])

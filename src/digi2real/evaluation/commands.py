@@ -10,6 +10,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from digi2real.errors import Digi2RealError
+
 EVAL_DESCRIPTION = textwrap.dedent("""\
     Evaluate a face-recognition model on the benchmarks of the Digi2Real paper (Tables 5-7): 1:1 verification
     accuracy on LFW, CALFW, CPLFW, AgeDB-30, CFP-FP (and CFP-FF) in insightface's 10-fold protocol, IJB-B / IJB-C
@@ -71,7 +73,10 @@ def register(subparsers: Any) -> tuple[argparse.ArgumentParser, argparse.Argumen
         description=EVAL_DESCRIPTION, epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", type=Path, metavar="MODEL", help=".onnx, IResNet backbone.pth, or a directory with model.pt")
-    p.add_argument("--data-root", type=Path, required=True, metavar="DIR", help="folder holding the benchmarks")
+    p.add_argument("--data-root", type=Path, metavar="DIR", help="folder holding the benchmarks (layout below)")
+    p.add_argument("--pairs", action="append", default=[], metavar="NAME=FILE",
+                   help="also score a folder of aligned 112x112 images with a pairs file (lines 'a.png b.png 1|0', "
+                        "paths relative to FILE's folder) under NAME; repeatable")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="RESULTS", help="results folder (created)")
     p.add_argument("--benchmarks", type=_benchmarks, metavar="LIST",
                    help="comma-separated, from lfw,calfw,cplfw,agedb_30,cfp_fp,cfp_ff,ijbb,ijbc,rfw "
@@ -125,7 +130,14 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from digi2real.evaluation.run import run_eval
 
     cfg = load_section(EvalConfig, getattr(args, "config", None), "eval", overrides_from_args(args))
-    result = run_eval(args.model, args.data_root, args.output, cfg, progress=not getattr(args, "quiet", False))
+    pairs = {}
+    for item in getattr(args, "pairs", []):
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise Digi2RealError(f"--pairs {item!r}: expected NAME=FILE, e.g. --pairs mine=data/mine/pairs.txt")
+        pairs[name] = Path(file)
+    result = run_eval(args.model, args.data_root, args.output, cfg, progress=not getattr(args, "quiet", False),
+                      pairs=pairs)
     print((args.output / "results.md").read_text().rstrip())
     print(f"\n{result['name']}: {len(result['verification'])} verification set(s), {len(result['ijb'])} IJB, "
           f"RFW {'yes' if result['rfw'] else 'no'}, {len(result['skipped'])} skipped, {result['seconds']:.1f} s "

@@ -62,18 +62,30 @@ class _Evaluation:
         return sha256_json({"model": self.model_sha, "kind": self.model.kind, "flip": self.cfg.flip,
                             "precision": self.cfg.precision})
 
-    def _cache_key(self, path: Path) -> str:
-        stat = path.stat()
-        # ... and on the data side the .bin file itself (path, size, modification time).
-        return sha256_json({"model": self._model_key(), "bin": str(path.resolve()), "size": stat.st_size,
-                            "mtime_ns": stat.st_mtime_ns})
+    def _cache_key(self, path: Path, members: Sequence[Path] = ()) -> str:
+        # ... and on the data side the file itself (path, size, modification time), and for a pairs file the images
+        # it lists, so an edited or replaced image is never served from the cache.
+        stamps = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in (path, *members)]
+        return sha256_json({"model": self._model_key(), "files": stamps})
+
+    @staticmethod
+    def _read_set(path: Path) -> tuple[list[bytes], np.ndarray, list[Path]]:
+        """Encoded images and labels of a verification set: an insightface .bin, or a pairs file of image paths."""
+        from digi2real.evaluation.bins import read_bin, read_pairs_folder
+
+        if path.suffix == ".bin":
+            images, issame = read_bin(path)
+            return images, issame, []
+        paths, issame = read_pairs_folder(path.parent, path)
+        return [p.read_bytes() for p in paths], issame, paths
 
     def bin_embeddings(self, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
         """Flip-summed embeddings (2N x D) and labels of a .bin set, from the cache when it matches."""
-        from digi2real.evaluation.bins import decode_pairs, read_bin
+        from digi2real.evaluation.bins import decode_pairs, read_pairs_folder
 
         cache = self.cache_dir / f"{name}.npz"
-        key = self._cache_key(path)
+        members = [] if path.suffix == ".bin" else read_pairs_folder(path.parent, path)[0]
+        key = self._cache_key(path, members)
         if cache.is_file():
             try:
                 with np.load(cache, allow_pickle=False) as data:
@@ -82,7 +94,7 @@ class _Evaluation:
                         return data["embeddings"], data["issame"].astype(bool)
             except (OSError, KeyError, ValueError):
                 pass  # unreadable or older cache: recompute and overwrite it
-        images, issame = read_bin(path)
+        images, issame, _ = self._read_set(path)
         chunks = []
         from tqdm import tqdm
 
@@ -125,15 +137,26 @@ def _skip(result: dict[str, Any], bench: str, expected: Path | str, warn: Callab
     result["skipped"].append({"benchmark": bench, "expected": str(expected), "reason": "file not found"})
 
 
-def run_eval(model_path: str | Path, data_root: str | Path, out_dir: str | Path, cfg: EvalConfig,
-             progress: bool = True, warn: Callable[[str], None] = _stderr_warning) -> dict[str, Any]:
+def run_eval(model_path: str | Path, data_root: str | Path | None, out_dir: str | Path, cfg: EvalConfig,
+             progress: bool = True, warn: Callable[[str], None] = _stderr_warning,
+             pairs: dict[str, Path] | None = None) -> dict[str, Any]:
     """Evaluate ``model_path`` on ``cfg.benchmarks`` under ``data_root``; write the results into ``out_dir``.
 
+    ``pairs`` adds verification sets kept as image files plus a pairs file (``name -> pairs file``; image paths are
+    relative to the pairs file's folder), scored with the same protocol; with ``data_root`` None only those run.
     Returns the results dict (schema in :mod:`digi2real.evaluation.tables`). Raises :class:`Digi2RealError` when
     ``data_root`` does not exist or when none of the requested benchmarks is there.
     """
-    data_root, out_dir = Path(data_root).expanduser(), Path(out_dir).expanduser()
-    if not data_root.is_dir():
+    out_dir = Path(out_dir).expanduser()
+    pairs = {name: Path(p).expanduser() for name, p in (pairs or {}).items()}
+    for name, path in pairs.items():
+        if not path.is_file():
+            raise Digi2RealError(f"{path}: pairs file for {name!r} not found; expected lines 'image_a image_b 1|0' "
+                                 "with image paths relative to the file's folder")
+    if data_root is None and not pairs:
+        raise Digi2RealError("nothing to evaluate: pass --data-root DIR (lfw.bin, IJBC/, RFW/ ...) or --pairs NAME=FILE")
+    data_root = Path(data_root).expanduser() if data_root is not None else None
+    if data_root is not None and not data_root.is_dir():
         raise Digi2RealError(f"{data_root}: benchmark data directory not found; pass --data-root DIR holding "
                              "lfw.bin, IJBC/, RFW/ ...")
     started = time.time()
@@ -142,10 +165,12 @@ def run_eval(model_path: str | Path, data_root: str | Path, out_dir: str | Path,
     ev = _Evaluation(model, sha256_file(model.path), out_dir, cfg, progress, warn)
     result: dict[str, Any] = {
         "schema": SCHEMA, "name": model.name, "model": {**model.describe(), "sha256": ev.model_sha},
-        "settings": cfg.model_dump(mode="json"), "data_root": str(data_root),
+        "settings": cfg.model_dump(mode="json"), "data_root": str(data_root) if data_root else None,
         "verification": {}, "ijb": {}, "rfw": None, "skipped": [],
     }
-    for bench in dict.fromkeys(cfg.benchmarks):  # de-duplicated, order kept
+    for name, path in pairs.items():
+        result["verification"][name] = ev.score_bin(name, path)
+    for bench in dict.fromkeys(cfg.benchmarks) if data_root is not None else ():  # de-duplicated, order kept
         if bench in VERIFICATION_SETS:
             path = data_root / f"{bench}.bin"
             if path.is_file():

@@ -108,6 +108,14 @@ def markdown_tables(results: Sequence[dict[str, Any]], paper: bool = True) -> st
     if any(not name.endswith("(paper)") for name, _ in rfw):
         text += "\n" + _markdown("RFW accuracy (%) (paper Table 7; std is the population std, ddof=0)",
                                  RFW_COLUMNS, rfw)
+    main_sets = {key for _, section, key in MAIN_COLUMNS if section == "verification"}
+    other = [(r.get("name", "model"), name, block) for r in results
+             for name, block in (r.get("verification") or {}).items() if name not in main_sets]
+    if other:
+        text += ("\n### Other verification sets (same 10-fold protocol)\n\n| Model | Set | Accuracy (%) | Std (%) | "
+                 "TAR@FAR=1e-3 (%) | Pairs |\n|---|---|---:|---:|---:|---:|\n")
+        text += "".join(f"| {model} | {name} | {_cell(b.get('accuracy'))} | {_cell(b.get('std'))} | "
+                        f"{_cell(b.get('tar_at_far_1e3'))} | {b.get('pairs', '-')} |\n" for model, name, b in other)
     skipped = [(r.get("name", "model"), s) for r in results for s in r.get("skipped", [])]
     if skipped:
         text += "\nSkipped (file not found):\n\n" + "\n".join(
