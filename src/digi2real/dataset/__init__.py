@@ -1,0 +1,1 @@
+"""Datasets: image folders with manifests, insightface RecordIO."""
