@@ -156,6 +156,50 @@ class EvalConfig(Section):
     ijb_chunk_pairs: int = Field(2_000_000, gt=0, description="IJB: template pairs scored at once (memory bound).")
 
 
+class DataConfig(Section):
+    """Training data: a folder-per-identity set (our generated dataset or any other), or insightface RecordIO."""
+
+    path: Path | None = Field(None, description="Training set: a folder-per-identity tree, a dataset written by "
+                              "`generate`, or a RecordIO folder (train.rec, train.idx, property).")
+    real_path: Path | None = Field(None, description="Optional real set to mix in (paper Table 8).")
+    real_identities: int = Field(0, ge=0, description="How many real identities to add (0: none).")
+    real_pick: Literal["first", "random"] = Field("first", description="Which real identities: the first K or K at "
+                                                  "random (seeded by train.seed).")
+    workers: int = Field(2, ge=0, description="DataLoader worker processes.")
+
+
+class TrainConfig(Section):
+    """`train`: IResNet + margin head (paper section 4: IResNet50, AdaFace, 30 epochs, batch 256, cosine schedule)."""
+
+    backbone: Literal["r18", "r34", "r50", "r100"] = Field("r50", description="IResNet depth (paper: r50).")
+    widths: tuple[int, int, int, int] = Field((64, 128, 256, 512), description="Stage widths (miniature nets: smaller).")
+    stem_stride: int = Field(1, ge=1, le=2, description="Stride of the first conv (2 for miniature CPU nets).")
+    depths: tuple[int, int, int, int] | None = Field(None, description="Blocks per stage, overriding `backbone`.")
+    embedding_dim: int = Field(512, gt=0, description="Embedding size.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the embedding layer.")
+    head: Literal["adaface", "arcface", "cosface"] = Field("adaface", description="Margin head (paper: adaface).")
+    margin: float | None = Field(None, description="Head margin m (default: AdaFace 0.4, ArcFace 0.5, CosFace 0.4).")
+    scale: float = Field(64.0, gt=0.0, description="Logit scale s.")
+    h: float = Field(0.333, ge=0.0, description="AdaFace h (paper default 0.333).")
+    epochs: int = Field(30, gt=0, description="Training epochs (paper: 30).")
+    batch_size: int = Field(256, gt=0, description="Global batch size, split across processes (paper: 256).")
+    lr: float = Field(0.1, gt=0.0, description="Peak SGD learning rate (scaled with nothing: set it for your batch).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    weight_decay: float = Field(5e-4, ge=0.0, description="Weight decay.")
+    no_decay_on_bn_and_bias: bool = Field(True, description="No weight decay on BatchNorm/PReLU parameters and biases.")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up before the cosine schedule (per iteration).")
+    grad_clip: float = Field(5.0, gt=0.0, description="Gradient-norm clip.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast: fp16 with grad scaling on "
+                                                       "CUDA, bf16 on CPU or CUDA, fp32 off.")
+    channels_last: bool = Field(True, description="channels_last memory format for the convolutions.")
+    augment: Literal["flip", "flip+photometric", "flip+photometric+lowres"] = Field(
+        "flip", description="Training augmentation: horizontal flip, plus colour jitter, plus random down-up scaling.")
+    seed: int = Field(0, ge=0, description="Seed of initialisation, sampling order and augmentation.")
+    log_every: int = Field(50, gt=0, description="Iterations between log lines.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
 class ExperimentConfig(Section):
     """A whole experiment: one section per stage."""
 
@@ -168,6 +212,7 @@ class ExperimentConfig(Section):
     plan: PlanConfig = Field(default_factory=PlanConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def _allowed(model: type[BaseModel]) -> str:
