@@ -65,3 +65,10 @@ def test_overrides_parse_yaml_values_and_win():
     cfg = load_experiment(CONFIGS / "digi2real-20k.yaml", {"plan.alpha": 1.0, "select.n": 10000})
     assert cfg.plan.alpha == 1.0 and cfg.select.n == 10000
     assert ExperimentConfig().plan.alpha == 2.0
+
+
+def test_section_overrides_accept_keys_with_or_without_the_section():
+    from digi2real.config import section_overrides
+
+    out = section_overrides({"batch_size": 8, "device": None}, ["eval.folds=5", "flip=false"], "eval")
+    assert out == {"batch_size": 8, "folds": 5, "flip": False}

@@ -304,6 +304,18 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
     return out
 
 
+def section_overrides(flags: dict[str, Any], sets: list[str] | None, section: str) -> dict[str, Any]:
+    """Overrides of one section: the CLI flags that were given (None = not given), then ``--set`` items, whose
+    keys may be written with or without the section name (``eval.folds=5`` or ``folds=5``); the last one wins."""
+    out = {k: v for k, v in flags.items() if v is not None}
+    for item in sets or []:
+        keys, value = parse_override(item)
+        if keys and keys[0] == section:
+            keys = keys[1:]
+        out[".".join(keys)] = value
+    return out
+
+
 def load_experiment(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Load an experiment YAML (or the defaults when ``path`` is None) and apply overrides."""
     data = load_yaml(path) if path is not None else {}

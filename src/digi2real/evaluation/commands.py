@@ -106,7 +106,7 @@ def register(subparsers: Any) -> tuple[argparse.ArgumentParser, argparse.Argumen
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Dotted overrides of the `eval` section from the flags that were given, then --set (last wins)."""
-    from digi2real.config import parse_override
+    from digi2real.config import section_overrides
 
     flags = {
         "benchmarks": getattr(args, "benchmarks", None),
@@ -115,13 +115,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "precision": getattr(args, "precision", None),
         "flip": False if getattr(args, "no_flip", False) else None,
     }
-    out = {k: v for k, v in flags.items() if v is not None}
-    for item in getattr(args, "set", None) or []:
-        keys, value = parse_override(item)
-        if keys and keys[0] == "eval":
-            keys = keys[1:]
-        out[".".join(keys)] = value
-    return out
+    return section_overrides(flags, getattr(args, "set", None), "eval")
 
 
 def run_eval_command(args: argparse.Namespace) -> int:

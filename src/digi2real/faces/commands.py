@@ -91,7 +91,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Dotted overrides of the `align` section from the flags that were given (and --set)."""
-    from digi2real.config import parse_override
+    from digi2real.config import section_overrides
 
     flags = {
         "size": getattr(args, "size", None),
@@ -104,13 +104,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "detector.device": getattr(args, "device", None),
         "detector.batch_size": getattr(args, "batch_size", None),
     }
-    out = {k: v for k, v in flags.items() if v is not None}
-    for item in getattr(args, "set", None) or []:
-        keys, value = parse_override(item)
-        if keys and keys[0] == "align":
-            keys = keys[1:]
-        out[".".join(keys)] = value
-    return out
+    return section_overrides(flags, getattr(args, "set", None), "align")
 
 
 def run(args: argparse.Namespace) -> int:
