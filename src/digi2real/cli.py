@@ -22,6 +22,8 @@ stages (each reads the previous one's output; see README.md):
   select    prototypes + keep the least similar identities   embeddings/ -> ids.csv
   plan      SLERP latents and per-image seeds                 embeddings/ + ids.csv -> plan.parquet
   align     MTCNN detection + 5-point alignment of photos     photos/ -> aligned/
+  pack      an image set -> insightface RecordIO              dataset/ -> train.rec, train.idx, property
+  verify    check a packed set against its source
   eval      LFW-family, IJB-B/C and RFW benchmarks of a model MODEL -> results.json/.md/.csv + ROC plots
   compare   one table from several eval result folders
   download  fetch DigiFace-1M zips (resumable)
@@ -287,10 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     _embed_parser(sub)
     _select_parser(sub)
     _plan_parser(sub)
+    from digi2real.dataset import commands as dataset_commands
     from digi2real.evaluation import commands as eval_commands
     from digi2real.faces import commands as face_commands
 
     face_commands.register(sub)
+    dataset_commands.register(sub)
     eval_commands.register(sub)
     _download_parser(sub)
     _demo_parser(sub)

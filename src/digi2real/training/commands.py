@@ -1,0 +1,149 @@
+"""The `train` and `export` sub-commands. ``register(subparsers)`` adds both; handlers return an exit status.
+
+Importing this module is cheap (no torch): the loop and the dataset are imported when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+TRAIN_DESCRIPTION = textwrap.dedent("""\
+    Train a face-recognition model on a generated (or any folder-per-identity / insightface RecordIO) dataset:
+    IResNet backbone + margin head, SGD with a per-iteration cosine schedule. The defaults are the Digi2Real
+    paper's recipe: IResNet50 + AdaFace (m 0.4, h 0.333, s 64), 30 epochs, global batch 256, lr 0.1, momentum
+    0.9, weight decay 5e-4 (none on BatchNorm/PReLU/bias), gradient-norm clip 5, horizontal flip, input
+    (x/255 - 0.5)/0.5 RGB.
+
+    Settings come from CONFIG's `train:` section (an experiment YAML), then --set, then the flags below.
+    The data path is train.data.path (--data).
+
+    RUN receives: checkpoint.pt (written at the end of every epoch and on Ctrl-C/SIGTERM), train_log.jsonl
+    (one JSON line every train.log_every steps and at each epoch end: epoch, step, loss, acc, lr, images/s,
+    ETA), train_config.json and, when training ends, model.pt (the backbone's state dict in insightface's
+    key names; evaluate it with `digi2real eval RUN`, export it with `digi2real export RUN --onnx`).
+
+    Resuming: run the same command again; it continues from checkpoint.pt exactly (same data order,
+    augmentation and random state). A different config is refused unless --overwrite (which restarts the
+    run in place) or --no-resume (start afresh, ignoring the checkpoint).
+
+    Precision: fp32 is the default and the fastest on CPUs without native bf16 (AVX2); bf16 autocast on
+    recent CPUs (AMX/AVX-512-BF16) or CUDA; fp16 with gradient scaling on CUDA only.""")
+
+TRAIN_EPILOG = textwrap.dedent("""\
+    examples:
+      digi2real train configs/digi2real-20k.yaml -o runs/d2r20k
+      digi2real train -o runs/try --data out/dataset --epochs 1 --batch-size 64 --device cpu
+      digi2real train -o runs/casia --data faces_webface_112x112/ --head arcface --set train.scale=64
+      digi2real train -o runs/tiny --data out/dataset --set train.widths=[16,32,64,128] \\
+          --set train.depths=[1,1,1,1] --set train.stem_stride=2 --head cosface --set train.scale=32
+
+    several GPUs (one process per GPU; the global batch is split across them):
+      torchrun --standalone --nproc_per_node 4 -m digi2real train configs/digi2real-20k.yaml -o runs/d2r20k
+
+    log line (train_log.jsonl):
+      {"epoch": 0, "step": 50, "loss": 41.2, "acc": 0.0, "lr": 0.0999, "images_per_s": 1210.4, "eta_s": 8740}""")
+
+EXPORT_DESCRIPTION = textwrap.dedent("""\
+    Export a trained backbone (RUN/model.pt) to ONNX: input `input` N x 3 x 112 x 112 float32 RGB, output
+    `embedding` N x D (raw, unnormalised; L2-normalise before comparing). The input must be normalised as in
+    training: (x/255 - 0.5)/0.5, which is the (x - 127.5)/127.5 that insightface/ArcFace ONNX consumers feed,
+    so the file drops into tools expecting an insightface recognition model (note: RGB channel order).""")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``train`` and ``export`` to an argparse subparsers object (``func`` defaults are the handlers)."""
+    p = subparsers.add_parser("train", help="train IResNet + AdaFace/ArcFace/CosFace on a face dataset",
+                              description=TRAIN_DESCRIPTION, epilog=TRAIN_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", type=Path, metavar="CONFIG",
+                   help="experiment YAML; its `train:` section sets the defaults (flags override it)")
+    p.add_argument("-o", "--output", dest="run", type=Path, required=True, metavar="RUN",
+                   help="run folder (created; resumed when it holds checkpoint.pt)")
+    p.add_argument("--data", type=Path, metavar="PATH",
+                   help="training set: folder-per-identity tree, a `generate` output, or a RecordIO folder")
+    p.add_argument("--epochs", type=int, metavar="N", help="training epochs (paper: 30)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="global batch size across all processes (paper: 256)")
+    p.add_argument("--lr", type=float, metavar="F", help="peak learning rate (paper: 0.1 for batch 256)")
+    p.add_argument("--backbone", choices=["r18", "r34", "r50", "r100"], help="IResNet depth (paper: r50)")
+    p.add_argument("--head", choices=["adaface", "arcface", "cosface"], help="margin head (paper: adaface)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto)")
+    p.add_argument("--workers", type=int, metavar="N", help="DataLoader worker processes (train.data.workers)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a train setting by dotted key, e.g. --set train.warmup_epochs=1 (repeatable)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start afresh")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in RUN even if its checkpoint was made with different settings")
+    p.add_argument("--max-steps", type=int, metavar="N", help="stop after N steps in total (a trial run; resumable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=run_train)
+
+    e = subparsers.add_parser("export", help="export a trained backbone to ONNX", description=EXPORT_DESCRIPTION,
+                              epilog="example:\n  digi2real export runs/d2r20k --onnx -o d2r20k_r50.onnx",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("run", type=Path, metavar="RUN", help="training run folder holding model.pt")
+    e.add_argument("--onnx", action="store_true", required=True, help="export to ONNX (the only format for now)")
+    e.add_argument("-o", "--output", type=Path, metavar="FILE", help="output .onnx (default RUN/model.onnx)")
+    e.set_defaults(func=run_export)
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Dotted overrides of the `train` section from --set, then the explicit flags (flags win)."""
+    from digi2real.config import parse_override
+
+    out: dict[str, Any] = {}
+    for item in getattr(args, "set", None) or []:
+        keys, value = parse_override(item)
+        if keys and keys[0] == "train":
+            keys = keys[1:]
+        out[".".join(keys)] = value
+    flags = {"data.path": getattr(args, "data", None), "epochs": args.epochs, "batch_size": args.batch_size,
+             "lr": args.lr, "backbone": args.backbone, "head": args.head, "precision": args.precision,
+             "device": args.device, "data.workers": getattr(args, "workers", None)}
+    out.update({k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items() if v is not None})
+    return out
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Handler of ``digi2real train``."""
+    from digi2real.config import TrainConfig, load_section
+    from digi2real.errors import ConfigError
+
+    cfg = load_section(TrainConfig, args.config, "train", train_overrides(args))
+    if cfg.data.path is None:
+        raise ConfigError("no training data: pass --data PATH or set train.data.path in the config")
+    from digi2real.dataset.imagefolder import open_training_set
+    from digi2real.training.loop import train
+
+    dataset = open_training_set(cfg.data, cfg.seed)
+    summary = train(cfg, dataset, args.run, progress=not args.quiet, resume=not args.no_resume,
+                    max_steps=args.max_steps, overwrite=args.overwrite)
+    print(json.dumps(summary.to_dict(), indent=2))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handler of ``digi2real export``: RUN/model.pt -> ONNX via :func:`digi2real.miniature.export_face_encoder`."""
+    import torch
+
+    from digi2real.errors import ModelError
+    from digi2real.miniature import export_face_encoder
+    from digi2real.training.iresnet import IResNet
+
+    model_path = args.run / "model.pt" if args.run.is_dir() else args.run
+    if not model_path.is_file():
+        raise ModelError(f"{model_path}: no model.pt; train first (`digi2real train ... -o {args.run}`) or let the "
+                         "run finish")
+    state = torch.load(model_path, map_location="cpu", weights_only=True)
+    from digi2real.evaluation.models import infer_iresnet  # one place knows how to read the layout
+
+    net = IResNet(**infer_iresnet(state, model_path))
+    net.load_state_dict(state)
+    out = args.output or (model_path.parent / "model.onnx")
+    export_face_encoder(net.eval(), out)
+    print(f"wrote {out} (input N x 3 x 112 x 112 RGB normalised (x/255-0.5)/0.5; output raw embeddings)")
+    return 0
