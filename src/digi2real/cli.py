@@ -24,6 +24,8 @@ stages (each reads the previous one's output; see README.md):
   align     MTCNN detection + 5-point alignment of photos     photos/ -> aligned/
   pack      an image set -> insightface RecordIO              dataset/ -> train.rec, train.idx, property
   verify    check a packed set against its source
+  train     IResNet + AdaFace/ArcFace/CosFace, resumable     dataset/ or packed/ -> RUN/model.pt
+  export    a trained backbone as ONNX                       RUN/ -> model.onnx
   eval      LFW-family, IJB-B/C and RFW benchmarks of a model MODEL -> results.json/.md/.csv + ROC plots
   compare   one table from several eval result folders
   download  fetch DigiFace-1M zips (resumable)
@@ -292,9 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     from digi2real.dataset import commands as dataset_commands
     from digi2real.evaluation import commands as eval_commands
     from digi2real.faces import commands as face_commands
+    from digi2real.training import commands as train_commands
 
     face_commands.register(sub)
     dataset_commands.register(sub)
+    train_commands.register(sub)
     eval_commands.register(sub)
     _download_parser(sub)
     _demo_parser(sub)

@@ -162,6 +162,8 @@ class AugmentedSet(torch.utils.data.Dataset):
             raise ValueError(f"training sample {index}: expected {INPUT_SIZE} x {INPUT_SIZE} x 3 uint8, "
                              f"got {img.shape} {img.dtype}")
         img = augment(img, sample_rng(self.seed, epoch, pos), self.mode)
+        if not img.flags.writeable:  # PIL-backed arrays are read-only; torch wants writable memory
+            img = img.copy()
         return torch.from_numpy(img), int(label)
 
 
@@ -188,6 +190,9 @@ def make_loader(dataset: TrainingSet, *, global_batch: int, seed: int, epoch: in
     if workers > 0:
         kwargs = {"worker_init_fn": functools.partial(_seed_worker, seed=seed, epoch=epoch),
                   "prefetch_factor": 4}
+    # A private generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG, so creating
+    # one mid-epoch on resume would shift the dropout stream and break the exact-resume guarantee.
+    generator = torch.Generator().manual_seed(int(np.random.default_rng([seed, epoch, 0x6E]).integers(0, 2**62)))
     return torch.utils.data.DataLoader(
         AugmentedSet(dataset, augment_mode, seed), batch_size=sampler.per_rank, sampler=sampler, drop_last=True,
-        num_workers=workers, collate_fn=_collate, pin_memory=pin_memory, **kwargs)
+        num_workers=workers, collate_fn=_collate, pin_memory=pin_memory, generator=generator, **kwargs)
