@@ -19,6 +19,7 @@ Common conventions (written here from the formulas, not from any upstream code):
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class MarginHead(nn.Module):
+class MarginHead(nn.Module, ABC):
     """Base class: a normalised class-weight matrix and the cosine between embeddings and classes.
 
     Subclasses implement :meth:`target_logit`, the margin-modified cosine of each sample's own class; the other classes
@@ -47,10 +48,10 @@ class MarginHead(nn.Module):
     def extra_repr(self) -> str:
         return f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, s={self.s}"
 
+    @abstractmethod
     def target_logit(self, cos_target: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """Margin-modified cosine of the target class (before the scale ``s``); ``norms`` are the raw embedding norms,
-        detached."""
-        raise NotImplementedError
+        detached. Each head (AdaFace, ArcFace, CosFace) defines its own."""
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Scaled logits (B x C, float32) for raw embeddings (B x D) and integer class labels (B,)."""
