@@ -11,7 +11,7 @@ import skimage.data
 from PIL import Image
 
 from digi2real.config import DetectorConfig
-from digi2real.miniature import build_mini_arcface
+from digi2real.miniature import build_mini_arc2face, build_mini_arcface
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +24,22 @@ def mini_arcface(tmp_path_factory) -> Path:
 def mini_arcface_inside(tmp_path_factory) -> Path:
     """The same network with the normalisation inside the graph (first nodes Sub, Mul), as some exports have."""
     return build_mini_arcface(tmp_path_factory.mktemp("models") / "arcface_inside.onnx", seed=0, normalize_inside=True)
+
+
+@pytest.fixture(scope="session")
+def mini_arc2face(tmp_path_factory) -> tuple[Path, Path]:
+    """Random miniature Arc2Face (repo dir: arc2face/, encoder/, arcface.onnx) and SD1.5 base (vae/, tokenizer/,
+    scheduler/) in the hub layout; 64 x 64 images. Returns (repo_dir, base_dir)."""
+    return build_mini_arc2face(tmp_path_factory.mktemp("arc2face"), seed=0, size=64)
+
+
+@pytest.fixture(scope="session")
+def mini_generator(mini_arc2face):
+    """The miniature loaded once through :meth:`Arc2Face.from_pretrained` on the CPU in float32."""
+    from digi2real.generation.arc2face import Arc2Face
+
+    repo, base = mini_arc2face
+    return Arc2Face.from_pretrained(repo, base, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -130,6 +130,71 @@ class AlignConfig(Section):
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
 
 
+DEFAULT_ARC2FACE = "FoivosPar/Arc2Face"
+DEFAULT_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class Arc2FaceConfig(Section):
+    """The Arc2Face generator (FACTS 2): its UNet and ID encoder, plus the SD1.5 base's VAE, tokenizer and scheduler."""
+
+    repo: str = Field(
+        DEFAULT_ARC2FACE,
+        description="Hub repo id (downloaded once into the hub cache) or a local directory in the same layout, "
+        "holding arc2face/ (UNet) and encoder/ (the ArcFace-conditioned CLIP text encoder).",
+    )
+    base: str = Field(
+        DEFAULT_SD15,
+        description="Hub repo id or local directory of Stable Diffusion 1.5, holding vae/, tokenizer/ and scheduler/.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the generator runs; auto prefers CUDA.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto",
+        description="UNet and VAE precision. auto: float16 on CUDA, float32 on CPU (bfloat16 pays off only on CPUs "
+        "with AMX). The ID encoder and the conditioning always run in float32.",
+    )
+
+
+class ShiftConfig(Section):
+    """`shift`: the CLIP-space realism shift, Delta = mean C(real) - mean C(synthetic) (paper section 3)."""
+
+    images: int = Field(1000, gt=0, description="Images drawn from each side (paper: 1000 FFHQ, 1000 DigiFace).")
+    seed: int = Field(0, ge=0, description="Seed of the random choice of images when a folder holds more.")
+    batch_size: int = Field(64, gt=0, description="Identity embeddings encoded at once.")
+
+
+class GateConfig(Section):
+    """Identity-consistency gate: reject a generated face that drifted from its identity, and retry with a new seed."""
+
+    min_similarity: float | None = Field(
+        None, ge=-1.0, le=1.0,
+        description="Reject an aligned result whose ArcFace cosine to its reference is below this (null: off; "
+        "0.3-0.5 is typical for a matching identity).",
+    )
+    against: Literal["conditioning", "prototype"] = Field(
+        "conditioning", description="Reference of the gate: the image's own conditioning embedding or its identity's "
+        "prototype.",
+    )
+    max_retries: int = Field(
+        2, ge=0, description="New seeds tried for an image that was rejected (no face, low similarity, NaN); 0: none.",
+    )
+
+
+class GenerateConfig(Section):
+    """`generate`: Arc2Face sampling of every plan row (paper section 3, "Dataset Generation"; FACTS 2)."""
+
+    steps: int = Field(25, gt=0, description="DPM-Solver++ multistep denoising steps (Arc2Face: 25).")
+    guidance: float = Field(3.0, ge=1.0, description="Classifier-free guidance scale (Arc2Face: 3.0; 1.0 turns the "
+                            "unconditional branch off).")
+    size: int = Field(512, ge=64, multiple_of=8, description="Side of the generated image in pixels (Arc2Face: 512).")
+    batch_size: int = Field(8, gt=0, description="Images denoised together (each is two UNet rows with guidance); "
+                            "halved automatically on out-of-memory.")
+    shift_weight: float = Field(1.0, description="lambda: weight of the realism shift Delta added to the conditional "
+                                "branch (0: no shift).")
+    keep_raw: bool = Field(False, description="Also keep the full generated image under raw/.")
+    format: Literal["png", "jpg"] = Field("png", description="File format of the aligned crops.")
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
 VERIFICATION_SETS = ("lfw", "calfw", "cplfw", "agedb_30", "cfp_fp", "cfp_ff")
 BENCHMARKS = VERIFICATION_SETS + ("ijbb", "ijbc", "rfw")
 
@@ -211,6 +276,9 @@ class ExperimentConfig(Section):
     select: SelectConfig = Field(default_factory=SelectConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
+    arc2face: Arc2FaceConfig = Field(default_factory=Arc2FaceConfig)
+    shift: ShiftConfig = Field(default_factory=ShiftConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 

@@ -69,3 +69,104 @@ def build_mini_arcface(path: str | Path, seed: int = 0, normalize_inside: bool =
         torch.manual_seed(seed)
         model = MiniArcFace(width, dim)
     return export_face_encoder(model, path, normalize_inside=normalize_inside)
+
+
+# ------------------------------------------------------------------------------------------------ mini Arc2Face
+
+#: The SD1.5 scheduler config (the base repo's scheduler/scheduler_config.json); Arc2Face builds DPM-Solver++ from it.
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+_MINI_WORDS = ("photo", "of", "a", "id", "person")
+_MINI_HIDDEN = 576  # > 512, so the zero-padding of the ArcFace vector is exercised as with the real 768
+
+
+def _write_mini_tokenizer(folder: Path) -> None:
+    """A CLIP BPE tokenizer with a hand-written vocabulary: single letters plus the merges of the prompt's words."""
+    import json
+    import string
+
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for c in string.ascii_lowercase + string.digits:
+            vocab[c + suffix] = len(vocab)
+    merges: list[str] = []
+    for word in _MINI_WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = f"{parts[0]} {parts[1]}"
+            if pair not in merges:
+                merges.append(pair)
+            parts = [parts[0] + parts[1]] + parts[2:]
+            vocab.setdefault(parts[0], len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    # The files the SD1.5 repo's tokenizer/ holds (no tokenizer.json there), so loading takes the same path.
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}, indent=2))
+
+
+def build_mini_arc2face(root: str | Path, seed: int = 0, size: int = 64) -> tuple[Path, Path]:
+    """Randomly initialised Arc2Face and SD1.5 stand-ins of the real classes, saved in the hub layout.
+
+    ``root/Arc2Face`` holds ``arc2face/`` (UNet2DConditionModel), ``encoder/`` (CLIPTextModel config and a
+    ``pytorch_model.bin`` whose keys carry the legacy ``text_model.`` prefix, as on the hub) and ``arcface.onnx``;
+    ``root/sd15`` holds ``vae/``, ``tokenizer/`` and ``scheduler/``. Returns the two directories. Their images are
+    noise-like: they carry no faces, so real detector thresholds reject them (see the miniature's config).
+    """
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = Path(root)
+    repo, base = root / "Arc2Face", root / "sd15"
+    _write_mini_tokenizer(base / "tokenizer")
+    tok = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    (base / "scheduler").mkdir(parents=True, exist_ok=True)
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER_CONFIG, indent=2))
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_cfg = CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=_MINI_HIDDEN, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+            bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"), eos_token_id=eos, pad_token_id=eos,
+        )
+        encoder = CLIPTextModel(text_cfg)
+        unet = UNet2DConditionModel(
+            sample_size=size // 8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=_MINI_HIDDEN,
+            attention_head_dim=8, norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=size,
+            block_out_channels=(32, 32, 32, 32), norm_num_groups=32,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+    unet.save_pretrained(repo / "arc2face")
+    vae.save_pretrained(base / "vae")
+    (repo / "encoder").mkdir(parents=True, exist_ok=True)
+    text_cfg.architectures = ["CLIPTextModel"]
+    text_cfg.save_pretrained(repo / "encoder")
+    legacy = {f"text_model.{k}": v.contiguous() for k, v in encoder.state_dict().items()}
+    torch.save(legacy, repo / "encoder" / "pytorch_model.bin")
+    build_mini_arcface(repo / "arcface.onnx", seed=seed)
+    return repo, base

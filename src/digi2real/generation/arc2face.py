@@ -1,0 +1,384 @@
+"""Arc2Face: Stable Diffusion 1.5 conditioned on ArcFace identity embeddings (FACTS 2; paper section 3).
+
+The identity vector replaces the token embedding of the word ``id`` in the prompt ``photo of a id person``; the CLIP
+text encoder that Arc2Face fine-tuned then turns the prompt into the UNet's cross-attention conditioning
+(``B x 77 x hidden``). Sampling is DPM-Solver++ with classifier-free guidance, whose unconditional branch is the same
+encoder run on the empty prompt.
+
+Models load from the hub (``FoivosPar/Arc2Face`` for the UNet and encoder, the SD1.5 repo for VAE, tokenizer and
+scheduler), through its cache, or from local directories in the same layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from digi2real.config import DEFAULT_ARC2FACE, DEFAULT_SD15
+from digi2real.errors import ConfigError, ModelError
+from digi2real.fileio import sha256_file
+
+PROMPT = "photo of a id person"
+ID_WORD = "id"
+EMPTY_PROMPT = ""
+
+# (subfolder, acceptable file names): the first that exists is used.
+ARC2FACE_FILES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "arc2face": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
+    "encoder": (("config.json",), ("model.safetensors", "pytorch_model.bin")),
+}
+BASE_FILES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "vae": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
+    "tokenizer": (("vocab.json", "tokenizer.json"), ("merges.txt", "tokenizer.json"), ("tokenizer_config.json",)),
+    "scheduler": (("scheduler_config.json",),),
+}
+ARC2FACE_PATTERNS = ["arc2face/config.json", "arc2face/diffusion_pytorch_model.safetensors",
+                     "encoder/config.json", "encoder/pytorch_model.bin"]
+BASE_PATTERNS = ["vae/config.json", "vae/diffusion_pytorch_model.safetensors", "tokenizer/*",
+                 "scheduler/scheduler_config.json"]
+_REVISION = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
+
+
+# --------------------------------------------------------------------------------------------------------- loading
+
+
+def _missing(root: Path, layout: dict[str, tuple[tuple[str, ...], ...]]) -> list[str]:
+    out = []
+    for sub, groups in layout.items():
+        for names in groups:
+            if not any((root / sub / n).is_file() for n in names):
+                out.append(f"{sub}/{names[0]}")
+    return out
+
+
+def resolve_model_dir(spec: str, layout: dict[str, tuple[tuple[str, ...], ...]], patterns: list[str],
+                      flag: str, hub_repo: str) -> Path:
+    """A local directory in the hub layout as is; otherwise the hub repo ``spec`` from the cache, else downloaded.
+
+    Every failure ends in one :class:`ModelError` naming the missing files and the command that fetches them.
+    """
+    local = Path(spec).expanduser()
+    files = " ".join(f"'{p}'" for p in patterns)
+    if local.is_dir() or local.is_absolute() or spec.startswith((".", "~")) or spec.count("/") != 1:
+        if not local.is_dir():
+            raise ModelError(f"{spec}: model directory not found; pass a directory in the hub layout "
+                             f"({', '.join(layout)}/) with {flag}")
+        missing = _missing(local, layout)
+        if missing:
+            raise ModelError(f"{local}: missing {', '.join(missing)}; fetch them in the hub layout with "
+                             f"`hf download {hub_repo} {files} --local-dir {local}`")
+        return local
+
+    from huggingface_hub import snapshot_download
+
+    from digi2real.faces.arcface import _endpoint_unreachable
+
+    reason = "not in the local hub cache"
+    with contextlib.suppress(Exception):
+        cached = Path(snapshot_download(spec, allow_patterns=patterns, local_files_only=True))
+        if not _missing(cached, layout):
+            return cached
+        reason = f"the cached copy lacks {', '.join(_missing(cached, layout))}"
+    offline = _endpoint_unreachable()
+    if offline is None:
+        try:
+            root = Path(snapshot_download(spec, allow_patterns=patterns))
+            missing = _missing(root, layout)
+            if not missing:
+                return root
+            reason = f"the repo has no {', '.join(missing)}"
+        except Exception as exc:  # auth, missing repo, network: the user's fix is the same
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+    else:
+        reason = f"{reason}, and the hub cannot be reached ({offline})"
+    raise ModelError(f"cannot get the hub repo {spec} ({reason}); download it with "
+                     f"`hf download {spec} {files} --local-dir DIR` and pass {flag} DIR")
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("arc2face.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """float16 on CUDA and float32 on CPU by default; float16 on CPU is refused (slow, and not every kernel has it)."""
+    if choice == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if choice == "float16" and device.type != "cuda":
+        raise ConfigError("arc2face.dtype float16 needs CUDA; on CPU use float32 or bfloat16")
+    return getattr(torch, choice)
+
+
+def _quiet_loaders() -> contextlib.AbstractContextManager:
+    """Silence transformers' and diffusers' per-file progress bars and info lines while loading."""
+    stack = contextlib.ExitStack()
+    for name in ("transformers", "diffusers"):
+        logger = logging.getLogger(name)
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        stack.callback(logger.setLevel, level)
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            stack.callback(hf_logging.enable_progress_bar)
+    return stack
+
+
+def load_id_encoder(path: Path):
+    """The Arc2Face ID encoder as a plain ``CLIPTextModel`` (float32).
+
+    Its checkpoint keys start with ``text_model.``; transformers 5 maps them onto the plain class but would leave a
+    subclass randomly initialised, printing only a report. So the report is checked: anything missing is an error.
+    """
+    from transformers import CLIPTextModel
+
+    try:
+        model, info = CLIPTextModel.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelError(f"{path}: not a loadable CLIP text encoder ({str(exc).splitlines()[0][:160]}); "
+                         "re-download Arc2Face's encoder/") from None
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        bad = (missing + [str(m) for m in mismatched])[:3]
+        raise ModelError(f"{path}: encoder weights do not match the CLIPTextModel architecture (e.g. {bad}); "
+                         "re-download Arc2Face's encoder/")
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------- conditioning
+
+
+def id_token_position(tokenizer: Any, prompt: str = PROMPT, word: str = ID_WORD) -> tuple[list[int], int]:
+    """The padded token ids of the Arc2Face prompt and the position of the word ``id`` in them (FACTS 2: 4 for SD1.5),
+    found from the tokenizer rather than assumed."""
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    word_ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(word_ids) != 1:
+        raise ModelError(f"the tokenizer splits {word!r} into {len(word_ids)} tokens; Arc2Face needs the SD1.5 CLIP "
+                         "tokenizer, where it is one token")
+    positions = [i for i, t in enumerate(ids) if t == word_ids[0]]
+    if len(positions) != 1:
+        raise ModelError(f"the prompt {prompt!r} holds the token {word!r} {len(positions)} times; expected once")
+    return list(ids), positions[0]
+
+
+def pad_identity(id_embeddings: torch.Tensor, hidden: int) -> torch.Tensor:
+    """FACTS 2: the L2-normalised ArcFace vector, zero-padded to the encoder's hidden size, with no other scaling."""
+    if id_embeddings.ndim != 2:
+        raise ValueError(f"identity embeddings must be B x D, got shape {tuple(id_embeddings.shape)}")
+    d = id_embeddings.shape[1]
+    if d > hidden:
+        raise ValueError(f"identity embeddings have {d} dimensions, more than the encoder's hidden size {hidden}")
+    return F.pad(F.normalize(id_embeddings.float(), dim=1), (0, hidden - d))
+
+
+@contextlib.contextmanager
+def replaced_token_row(embedding: torch.nn.Module, position: int, rows: torch.Tensor) -> Iterator[None]:
+    """While active, the token-embedding lookup returns ``rows[b]`` at ``position`` of batch row ``b`` (the raw
+    lookup, before position embeddings are added): the public input-embeddings path, valid on any transformers."""
+
+    def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if output.shape[0] != rows.shape[0]:
+            raise ValueError(f"batch of {output.shape[0]} prompts but {rows.shape[0]} identity embeddings")
+        output = output.clone()
+        output[:, position] = rows.to(output.dtype)
+        return output
+
+    handle = embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def apply_shift(cond: torch.Tensor, delta: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """Paper section 3 (realism shift): the conditional branch becomes ``C(e) + lambda * Delta``; lambda = 0 (or no
+    Delta) returns the conditioning untouched, bit for bit."""
+    if delta is None or weight == 0.0:
+        return cond
+    if tuple(delta.shape) != tuple(cond.shape[1:]):
+        raise ValueError(f"shift has shape {tuple(delta.shape)}, the conditioning {tuple(cond.shape[1:])}; the shift "
+                         "was made with another encoder")
+    return cond + weight * delta.to(cond.device, cond.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Arc2Face:
+    """A loaded Arc2Face: ``encode`` maps identity embeddings to conditioning, ``generate`` samples images."""
+
+    unet: Any
+    text_encoder: Any
+    vae: Any
+    tokenizer: Any
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+    info: dict = field(default_factory=dict)
+    _prompt_ids: torch.Tensor | None = field(default=None, repr=False)
+    _id_position: int = -1
+    _uncond: torch.Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_pretrained(cls, repo: str | Path = DEFAULT_ARC2FACE, base: str | Path = DEFAULT_SD15,
+                        device: str = "auto", dtype: str = "auto") -> "Arc2Face":
+        """Load from hub ids (cached after the first download) or local directories in the hub layout."""
+        from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+        from transformers import CLIPTokenizer
+
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        root = resolve_model_dir(str(repo), ARC2FACE_FILES, ARC2FACE_PATTERNS, "--arc2face",
+                                 DEFAULT_ARC2FACE)
+        base_root = resolve_model_dir(str(base), BASE_FILES, BASE_PATTERNS, "--base", DEFAULT_SD15)
+        with _quiet_loaders():
+            try:
+                unet = UNet2DConditionModel.from_pretrained(root / "arc2face", dtype=dt)
+                vae = AutoencoderKL.from_pretrained(base_root / "vae", dtype=dt)
+                tokenizer = CLIPTokenizer.from_pretrained(base_root / "tokenizer")
+                scheduler_config = dict(DPMSolverMultistepScheduler.load_config(base_root / "scheduler"))
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise ModelError(f"{root} / {base_root}: cannot load the generator "
+                                 f"({str(exc).splitlines()[0][:200]}); re-download the model files") from None
+            encoder = load_id_encoder(root / "encoder")
+        if encoder.config.hidden_size != unet.config.cross_attention_dim:
+            raise ModelError(f"{root}: encoder hidden size {encoder.config.hidden_size} does not match the UNet's "
+                             f"cross-attention size {unet.config.cross_attention_dim}")
+        info = {"repo": str(repo), "base": str(base), "repo_dir": str(root), "base_dir": str(base_root),
+                "revision": _revision(root), "base_revision": _revision(base_root),
+                "encoder_file": str(_first(root / "encoder", ARC2FACE_FILES["encoder"][1]))}
+        model = cls(unet.to(dev).eval(), encoder.to(dev), vae.to(dev).eval(), tokenizer, scheduler_config, dev, dt, info)
+        ids, pos = id_token_position(tokenizer)
+        model._prompt_ids, model._id_position = torch.tensor([ids], device=dev), pos
+        return model
+
+    # -- conditioning ---------------------------------------------------------------------------------------------
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    @property
+    def id_position(self) -> int:
+        return self._id_position
+
+    def encoder_sha256(self) -> str:
+        """SHA-256 of the ID encoder's weights: the only model a realism shift depends on."""
+        if "encoder_sha256" not in self.info:
+            self.info["encoder_sha256"] = sha256_file(self.info["encoder_file"])
+        return self.info["encoder_sha256"]
+
+    @torch.no_grad()
+    def encode(self, id_embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Identity embeddings (B x 512) -> prompt embeddings (B x 77 x hidden, float32): FACTS 2, for every row."""
+        e = torch.as_tensor(np.asarray(id_embeddings, np.float32) if isinstance(id_embeddings, np.ndarray)
+                            else id_embeddings).to(self.device, torch.float32)
+        rows = pad_identity(e, self.hidden_size)
+        ids = self._prompt_ids.expand(len(rows), -1)
+        with replaced_token_row(self.text_encoder.get_input_embeddings(), self._id_position, rows):
+            return self.text_encoder(input_ids=ids).last_hidden_state.float()
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """A plain text prompt through the ID encoder (1 x 77 x hidden, float32)."""
+        ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(input_ids=ids).last_hidden_state.float()
+
+    def unconditional(self) -> torch.Tensor:
+        """The unconditional branch: the encoder's output for the empty prompt, computed once per model."""
+        if self._uncond is None:
+            self._uncond = self.encode_prompt(EMPTY_PROMPT)
+        return self._uncond
+
+    # -- sampling -------------------------------------------------------------------------------------------------
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def initial_noise(self, seeds: Sequence[int], size: int) -> torch.Tensor:
+        """Each image's latent noise from its own seed on a CPU generator: the same on every device and batching."""
+        side = size // self.vae_scale_factor
+        shape = (int(self.unet.config.in_channels), side, side)
+        out = torch.empty((len(seeds), *shape), dtype=torch.float32)
+        for i, seed in enumerate(seeds):
+            out[i] = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)))
+        return out
+
+    def make_scheduler(self, steps: int) -> Any:
+        """A fresh DPM-Solver++ multistep scheduler (its history is per call) from the base scheduler config."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        scheduler = DPMSolverMultistepScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
+
+    def unet_eps(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
+        """One guided noise prediction: ``eps_u + g (eps_c - eps_u)``, both branches in one UNet call."""
+        if guidance == 1.0:
+            return self.unet(latents.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample.float()
+        uncond = self.unconditional().expand(len(cond), -1, -1)
+        emb = torch.cat([uncond, cond]).to(self.dtype)
+        eps = self.unet(torch.cat([latents, latents]).to(self.dtype), t, encoder_hidden_states=emb).sample.float()
+        eps_u, eps_c = eps.chunk(2)
+        return eps_u + guidance * (eps_c - eps_u)
+
+    @torch.no_grad()
+    def denoise(self, cond: torch.Tensor, noise: torch.Tensor, steps: int = 25, guidance: float = 3.0) -> torch.Tensor:
+        """DPM-Solver++ from the initial noise to clean latents, guided by ``cond`` (FACTS 2: 25 steps, g = 3)."""
+        scheduler = self.make_scheduler(steps)
+        latents = noise.to(self.device, torch.float32) * scheduler.init_noise_sigma
+        cond = cond.to(self.device, torch.float32)
+        for t in scheduler.timesteps:
+            eps = self.unet_eps(scheduler.scale_model_input(latents, t), t, cond, guidance)
+            latents = scheduler.step(eps, t, latents).prev_sample
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Latents -> (B x H x W x 3 uint8 images, B booleans: the image is finite). A non-finite image is zeros."""
+        x = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample.float()
+        finite = torch.isfinite(x).flatten(1).all(dim=1)
+        x = torch.nan_to_num(x, nan=-1.0, posinf=1.0, neginf=-1.0)
+        x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        x[~finite] = 0
+        return x.permute(0, 2, 3, 1).cpu().numpy(), finite.cpu().numpy()
+
+    @torch.no_grad()
+    def generate(self, id_embeddings: torch.Tensor | np.ndarray, seeds: Sequence[int], *,
+                 shift: torch.Tensor | None = None, shift_weight: float = 1.0, steps: int = 25, guidance: float = 3.0,
+                 size: int = 512) -> np.ndarray:
+        """Images (B x size x size x 3 uint8) of the identities, one seed each: encode, shift, denoise, decode."""
+        if len(seeds) != len(id_embeddings):
+            raise ValueError(f"{len(id_embeddings)} identity embeddings but {len(seeds)} seeds")
+        cond = apply_shift(self.encode(id_embeddings), shift, shift_weight)
+        latents = self.denoise(cond, self.initial_noise(seeds, size), steps, guidance)
+        return self.decode(latents)[0]
+
+
+def _first(folder: Path, names: tuple[str, ...]) -> Path:
+    return next((folder / n for n in names if (folder / n).is_file()), folder / names[0])
+
+
+def _revision(path: Path) -> str | None:
+    """The hub commit a cached snapshot came from (None for a plain local directory)."""
+    match = _REVISION.search(path.resolve().as_posix() + "/")
+    return match.group(1) if match else None
