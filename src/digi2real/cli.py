@@ -21,6 +21,9 @@ stages (each reads the previous one's output; see README.md):
   embed     ArcFace embeddings of the source images          SOURCE  -> embeddings/
   select    prototypes + keep the least similar identities   embeddings/ -> ids.csv
   plan      SLERP latents and per-image seeds                 embeddings/ + ids.csv -> plan.parquet
+  shift     the realism shift Delta (real vs synthetic faces)  real/ + synthetic/ -> shift.safetensors
+  generate  Arc2Face images of every plan row, aligned        plan.parquet (+ shift) -> dataset/
+  regenerate  recompute one image of a dataset exactly
   align     MTCNN detection + 5-point alignment of photos     photos/ -> aligned/
   pack      an image set -> insightface RecordIO              dataset/ -> train.rec, train.idx, property
   verify    check a packed set against its source
@@ -294,9 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     from digi2real.dataset import commands as dataset_commands
     from digi2real.evaluation import commands as eval_commands
     from digi2real.faces import commands as face_commands
+    from digi2real.generation import commands as generation_commands
     from digi2real.training import commands as train_commands
 
     face_commands.register(sub)
+    generation_commands.register(sub)
     dataset_commands.register(sub)
     train_commands.register(sub)
     eval_commands.register(sub)

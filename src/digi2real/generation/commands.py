@@ -1,0 +1,257 @@
+"""The `shift`, `generate` and `regenerate` sub-commands. ``register(subparsers)`` adds them to the main CLI.
+
+Importing this module is cheap: torch, diffusers and the models load only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from digi2real.cli import _add_common, _formatter, _given, _load
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--arc2face", metavar="REPO|DIR",
+                   help="Arc2Face hub repo or local directory with arc2face/ and encoder/ (default FoivosPar/Arc2Face)")
+    g.add_argument("--base", metavar="REPO|DIR", help="SD1.5 hub repo or local directory with vae/, tokenizer/, "
+                   "scheduler/ (default stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    g.add_argument("--encoder", metavar="ONNX", help="ArcFace model: local .onnx or org/repo:file.onnx "
+                   "(default FoivosPar/Arc2Face:arcface.onnx, the one Arc2Face was trained with)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the generator runs (default auto)")
+    g.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="UNet/VAE precision (default auto: float16 on CUDA, float32 on CPU)")
+
+
+def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return _given(arc2face__repo=args.arc2face, arc2face__base=args.base, encoder__model=args.encoder,
+                  arc2face__device=args.device, arc2face__dtype=args.dtype)
+
+
+def _load_models(cfg: Any, need_detector: bool = True) -> tuple[Any, Any, Any]:
+    from digi2real.faces.arcface import ArcFaceEncoder
+    from digi2real.generation.arc2face import Arc2Face
+
+    model = Arc2Face.from_pretrained(cfg.arc2face.repo, cfg.arc2face.base, cfg.arc2face.device, cfg.arc2face.dtype)
+    encoder = ArcFaceEncoder.load(cfg.encoder)
+    detector = None
+    if need_detector:
+        from digi2real.faces.mtcnn import MTCNN
+
+        detector = MTCNN.from_package(cfg.align.detector)
+    return model, encoder, detector
+
+
+# ------------------------------------------------------------------------------------------------------------ shift
+SHIFT_DESCRIPTION = textwrap.dedent("""\
+    Compute the paper's realism shift (section 3): Delta = mean C(real) - mean C(synthetic), where C is the
+    Arc2Face ID encoder's conditioning (77 x 768) of a face's ArcFace embedding. `generate --shift` adds
+    lambda * Delta to the conditional branch of every image, moving the synthetic identities toward the
+    statistics of real faces (the paper: 1000 FFHQ and 1000 DigiFace images).
+
+    --real and --synthetic are folders of face images (searched recursively) or embeddings directories made by
+    `digi2real embed`. 112 x 112 images are taken as aligned crops (DigiFace images, `digi2real align` output);
+    other sizes are detected and aligned with MTCNN first. Unreadable images and images without a face are
+    skipped and counted. Prints the realism gap before and after the shift.""")
+
+
+def _shift_parser(sub: Any) -> None:
+    p = sub.add_parser("shift", formatter_class=_formatter, help="the CLIP-space realism shift Delta (real vs synthetic)",
+                       description=SHIFT_DESCRIPTION, epilog=textwrap.dedent("""\
+                           examples:
+                             digi2real shift --real ffhq/ --synthetic digiface/ -o shift.safetensors
+                             digi2real shift --real ffhq_aligned/ --synthetic runs/x/embeddings -o shift.safetensors --images 2000"""))
+    p.add_argument("--real", type=Path, required=True, metavar="DIR", help="real faces (folder or embeddings dir)")
+    p.add_argument("--synthetic", type=Path, required=True, metavar="DIR",
+                   help="rendered faces, e.g. DigiFace-1M (folder or embeddings dir)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="shift.safetensors to write")
+    p.add_argument("--images", type=int, help="images drawn from each side (default 1000)")
+    p.add_argument("--seed", type=int, help="seed of the random choice of images (default 0)")
+    _model_flags(p)
+    _add_common(p)
+    p.set_defaults(func=_cmd_shift)
+
+
+def _cmd_shift(args: argparse.Namespace) -> int:
+    from digi2real.generation.shift import format_gap, make_shift
+
+    cfg = _load(args, {**_model_overrides(args), **_given(shift__images=args.images, shift__seed=args.seed)})
+    model, encoder, detector = _load_models(cfg)
+    shift = make_shift(args.real, args.synthetic, args.output, model, encoder, cfg.shift, cfg.align,
+                       detector=detector, progress=not args.quiet)
+    print(f"realism shift Delta ({' x '.join(map(str, shift.delta.shape))}) from {shift.meta.get('n_real')} real and "
+          f"{shift.meta.get('n_synthetic')} synthetic faces -> {args.output}")
+    for line in format_gap(shift.meta):
+        print(f"  {line}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------- generate
+GENERATE_DESCRIPTION = textwrap.dedent("""\
+    Render every row of a plan with Arc2Face (paper section 3): the row's SLERP identity embedding replaces the
+    `id` token of "photo of a id person", the realism shift lambda * Delta is added to that conditional branch,
+    DPM-Solver++ denoises (25 steps, guidance 3, 512 x 512 by default) from noise drawn from the image's own
+    seed; MTCNN aligns the result to a 112 x 112 ArcFace crop, which is embedded again to record its cosine to
+    the conditioning embedding and to the identity's prototype (the identity gate, off by default, rejects and
+    retries with new seeds below --min-similarity).
+
+    Writes DATASET/images/<identity>/<k>.png, DATASET/manifest/shard-*.jsonl (one row per attempt, with the
+    full provenance), DATASET/generation.json and DATASET/card.md.
+
+    Resumable and shardable: kill it at any moment and run the same command again; nothing is lost or duplicated.
+    Shards (--shard I/N, or torchrun's RANK/WORLD_SIZE, or Slurm's SLURM_PROCID/SLURM_NTASKS) split the work by
+    identity, each with its own manifest; any shard count gives the same images. --dry-run prints the work,
+    disk and time (timed on this device) without generating.""")
+
+
+def _generate_parser(sub: Any) -> None:
+    p = sub.add_parser("generate", formatter_class=_formatter, help="Arc2Face images of every plan row -> dataset",
+                       description=GENERATE_DESCRIPTION, epilog=textwrap.dedent("""\
+                           examples:
+                             digi2real generate runs/x/plan.parquet -o runs/x/dataset --shift shift.safetensors
+                             digi2real generate plan.parquet -o dataset --dry-run
+                             torchrun --nproc-per-node 8 -m digi2real generate plan.parquet -o dataset --shift shift.safetensors
+                             digi2real generate plan.parquet -o dataset --shard 3/16 --batch-size 32
+                             digi2real generate plan.parquet -o dataset --min-similarity 0.4 --max-retries 3"""))
+    p.add_argument("plan", type=Path, metavar="PLAN", help="plan.parquet written by `digi2real plan`")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DATASET", help="dataset folder (resumed if it exists)")
+    p.add_argument("--shift", type=Path, metavar="FILE", help="realism shift from `digi2real shift` (default: none)")
+    p.add_argument("--shift-weight", type=float, metavar="LAMBDA", help="weight of the shift (default 1.0)")
+    p.add_argument("--embeddings", type=Path, metavar="DIR",
+                   help="the plan's embeddings directory (default: the path recorded in the plan)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--steps", type=int, help="denoising steps (default 25)")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 3.0)")
+    s.add_argument("--size", type=int, help="generated image side in pixels (default 512)")
+    s.add_argument("--batch-size", type=int, help="images per work unit (default 8; halved on out-of-memory)")
+    s.add_argument("--keep-raw", action="store_true", default=None, help="also keep the full images under raw/")
+    s.add_argument("--format", choices=["png", "jpg"], help="aligned crop format (default png)")
+    g = p.add_argument_group("identity gate")
+    g.add_argument("--min-similarity", type=float, metavar="COS",
+                   help="reject crops whose ArcFace cosine to their conditioning is below COS (default: off)")
+    g.add_argument("--gate-against", choices=["conditioning", "prototype"], help="reference of the gate")
+    g.add_argument("--max-retries", type=int, help="new seeds tried for a rejected image (default 2)")
+    p.add_argument("--shard", metavar="I/N", help="this process's share (default: from torchrun/Slurm, else all)")
+    p.add_argument("--dry-run", action="store_true", help="print images, UNet evaluations, disk and time; make nothing")
+    _model_flags(p)
+    _add_common(p)
+    p.set_defaults(func=_cmd_generate)
+
+
+def _read_shift(path: Path | None, model: Any) -> Any:
+    if path is None:
+        return None
+    from digi2real.generation.shift import read_shift
+
+    return read_shift(path, hidden=model.hidden_size)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from digi2real.generation.runner import FaceChecker, generate_dataset, prepare_job
+    from digi2real.sharding import shard_from_env
+
+    cfg = _load(args, {**_model_overrides(args), **_given(
+        generate__steps=args.steps, generate__guidance=args.guidance, generate__size=args.size,
+        generate__batch_size=args.batch_size, generate__keep_raw=args.keep_raw, generate__format=args.format,
+        generate__shift_weight=args.shift_weight, generate__gate__min_similarity=args.min_similarity,
+        generate__gate__against=args.gate_against, generate__gate__max_retries=args.max_retries)})
+    shard = shard_from_env(args.shard)
+    if not args.plan.is_file():
+        from digi2real.identity.plan import read_plan
+
+        read_plan(args.plan)  # raises the one-line error that says how to make a plan
+    model, encoder, detector = _load_models(cfg, need_detector=not args.dry_run)
+    shift = _read_shift(args.shift, model)
+    checker = None if args.dry_run else FaceChecker(detector, encoder, cfg.align, cfg.generate.gate.min_similarity,
+                                                    cfg.generate.gate.against)
+    job, _ = prepare_job(args.plan, args.output, model=model, checker=checker, cfg=cfg.generate, align=cfg.align,
+                         shift=shift, shift_path=args.shift, embeddings=args.embeddings,
+                         encoder_hash=encoder.file_hash())
+    result = generate_dataset(job, args.output, shard=shard, progress=not args.quiet, dry_run=args.dry_run,
+                              shift_path=args.shift, embeddings=args.embeddings,
+                              extra={"encoder": cfg.encoder.model_dump(mode="json"),
+                                     "arc2face_config": cfg.arc2face.model_dump(mode="json")})
+    for line in (result if isinstance(result, list) else result.lines()):
+        print(line)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- regenerate
+def _regenerate_parser(sub: Any) -> None:
+    p = sub.add_parser("regenerate", formatter_class=_formatter, help="recompute one image of a dataset exactly",
+                       description=textwrap.dedent("""\
+                           Recompute one image of a generated dataset from its manifest row and the settings in
+                           DATASET/generation.json, and compare it with the stored file (the same hardware gives
+                           the same pixels). With -o, write the recomputed crop there instead of comparing."""),
+                       epilog="examples:\n  digi2real regenerate runs/x/dataset id_00042/7\n"
+                              "  digi2real regenerate runs/x/dataset id_00042/7 -o again.png")
+    p.add_argument("dataset", type=Path, metavar="DATASET", help="a dataset folder written by `digi2real generate`")
+    p.add_argument("key", metavar="KEY", help="the image's key, <identity>/<k> (the manifest's `key`)")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write the recomputed aligned crop here")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the recorded device")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_regenerate)
+
+
+def _cmd_regenerate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from digi2real.config import AlignConfig, Arc2FaceConfig, EncoderConfig, GenerateConfig
+    from digi2real.errors import Digi2RealError
+    from digi2real.faces.arcface import ArcFaceEncoder
+    from digi2real.faces.mtcnn import MTCNN
+    from digi2real.generation.arc2face import Arc2Face
+    from digi2real.generation.runner import IMAGES_DIR, SETTINGS_FILE, FaceChecker, prepare_job, regenerate
+    from digi2real.imageio import read_image, write_image
+
+    path = args.dataset / SETTINGS_FILE
+    if not path.is_file():
+        raise Digi2RealError(f"{path}: not found; is {args.dataset} a dataset written by `digi2real generate`?")
+    record = json.loads(path.read_text())
+    gen = GenerateConfig(**record["settings"]["generate"])
+    align = AlignConfig(**record["align_config"])
+    a2f = Arc2FaceConfig(**record["arc2face_config"])
+    enc = EncoderConfig(**record["encoder"])
+    device = args.device or record["settings"]["device"]
+    model = Arc2Face.from_pretrained(a2f.repo, a2f.base, device, record["settings"]["dtype"])
+    encoder = ArcFaceEncoder.load(enc)
+    checker = FaceChecker(MTCNN.from_package(align.detector), encoder, align, gen.gate.min_similarity,
+                          gen.gate.against)
+    shift_path = Path(record["shift"]) if record.get("shift") else None
+    job, _ = prepare_job(Path(record["plan"]), args.dataset, model=model, checker=checker, cfg=gen, align=align,
+                         shift=_read_shift(shift_path, model), shift_path=shift_path,
+                         embeddings=Path(record["embeddings"]), encoder_hash=encoder.file_hash())
+    if job.settings != record["settings"]:
+        raise Digi2RealError(f"{args.dataset}: its inputs changed since generation (plan, embeddings, shift or "
+                             "models); the image cannot be reproduced from them")
+    crop, event = regenerate(job, args.key)
+    if crop is None:
+        print(f"{args.key}: rejected at attempt {event.attempt} ({event.verdict.status}: {event.verdict.reason})")
+        return 0
+    if args.output:
+        write_image(args.output, crop)
+        print(f"{args.key}: recomputed (attempt {event.attempt}, seed {event.seed}) -> {args.output}")
+        return 0
+    ident, k = args.key.rsplit("/", 1)
+    stored_path = args.dataset / IMAGES_DIR / ident / f"{k}.{gen.format}"
+    if not stored_path.is_file():
+        print(f"{args.key}: recomputed, but {stored_path} is missing; pass -o FILE to write it")
+        return 1
+    stored = read_image(stored_path)
+    same = stored.shape == crop.shape and np.array_equal(stored, crop)
+    if same or gen.format == "png":
+        diff = 0 if same else int(np.abs(stored.astype(int) - crop.astype(int)).max())
+        print(f"{args.key}: {'identical to' if same else f'differs (max {diff} levels) from'} {stored_path}")
+        return 0 if same else 1
+    print(f"{args.key}: recomputed; {stored_path} is JPEG, so compare with -o")
+    return 0
+
+
+def register(sub: Any) -> None:
+    _shift_parser(sub)
+    _generate_parser(sub)
+    _regenerate_parser(sub)
