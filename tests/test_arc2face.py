@@ -1,0 +1,158 @@
+"""Arc2Face loading and conditioning on a miniature of the real classes, saved in the hub layout (FACTS 2)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from digi2real.errors import ModelError
+from digi2real.generation.arc2face import Arc2Face, apply_shift, id_token_position, load_id_encoder, pad_identity
+
+
+def _embeddings(n: int, seed: int = 0) -> np.ndarray:
+    e = np.random.default_rng(seed).normal(size=(n, 512)).astype(np.float32)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def test_id_token_position_found_from_the_tokenizer(mini_generator):
+    ids, pos = id_token_position(mini_generator.tokenizer)
+    tok = mini_generator.tokenizer
+    assert pos == 4  # <bos> photo of a id
+    assert ids[pos] == tok.convert_tokens_to_ids("id</w>")
+    assert len(ids) == 77 and ids[0] == tok.bos_token_id
+    with pytest.raises(ModelError, match="holds the token"):
+        id_token_position(tok, prompt="photo of a person")
+
+
+def test_id_row_is_the_padded_embedding_before_the_encoder(mini_generator):
+    """What the encoder's layers receive at the id position is the zero-padded unit vector, for every batch row."""
+    e = _embeddings(3) * 7.0  # not unit: the conditioning must normalise it
+    seen = []
+    enc = mini_generator.text_encoder
+    embeddings = enc.embeddings if hasattr(enc, "embeddings") else enc.text_model.embeddings
+    handle = embeddings.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    try:
+        mini_generator.encode(e)
+    finally:
+        handle.remove()
+    pos = mini_generator.id_position
+    # The embeddings layer returns token lookup + position embedding; take the position part away.
+    rows = seen[-1][:, pos] - embeddings.position_embedding.weight[pos]
+    hidden = mini_generator.hidden_size
+    expected = np.zeros((3, hidden), np.float32)
+    expected[:, :512] = e / np.linalg.norm(e, axis=1, keepdims=True)
+    np.testing.assert_allclose(rows.detach().numpy(), expected, atol=1e-6)
+    others = [p for p in range(77) if p != pos]
+    plain = embeddings(input_ids=mini_generator._prompt_ids.expand(3, -1))
+    assert torch.equal(seen[-1][:, others], plain[:, others])
+    assert torch.equal(pad_identity(torch.from_numpy(e), hidden)[:, 512:], torch.zeros(3, hidden - 512))
+
+
+def test_batch_equals_one_by_one_and_rows_differ(mini_generator):
+    e = _embeddings(5, seed=1)
+    batch = mini_generator.encode(e)
+    assert batch.shape == (5, 77, mini_generator.hidden_size) and batch.dtype == torch.float32
+    single = torch.cat([mini_generator.encode(e[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(batch, single, atol=1e-5, rtol=0)
+    # Every row is conditioned on its own identity (the official helper only handled batch 1).
+    for i in range(1, 5):
+        assert not torch.allclose(batch[0], batch[i])
+    # Tokens before the id position cannot see it (causal mask): identical for all identities.
+    torch.testing.assert_close(batch[:, :4], batch[:1, :4].expand(5, -1, -1))
+
+
+def test_unconditional_branch_is_the_empty_prompt(mini_generator):
+    uncond = mini_generator.unconditional()
+    assert uncond.shape == (1, 77, mini_generator.hidden_size)
+    assert torch.equal(uncond, mini_generator.encode_prompt(""))
+    assert mini_generator.unconditional() is uncond  # computed once
+
+
+def test_shift_weight_zero_is_bit_identical(mini_generator):
+    cond = mini_generator.encode(_embeddings(2))
+    delta = torch.randn(77, mini_generator.hidden_size)
+    assert apply_shift(cond, delta, 0.0) is cond
+    assert torch.equal(apply_shift(cond, delta, 1.0), cond + delta)
+    with pytest.raises(ValueError, match="another encoder"):
+        apply_shift(cond, torch.zeros(77, 8), 1.0)
+
+
+def test_generate_is_seeded_per_image(mini_generator):
+    e = _embeddings(2, seed=3)
+    a = mini_generator.generate(e, [11, 12], steps=2, size=64)
+    b = mini_generator.generate(e, [11, 12], steps=2, size=64)
+    assert a.shape == (2, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    c = mini_generator.generate(e, [11, 13], steps=2, size=64)
+    assert np.array_equal(a[0], c[0]) or np.abs(a[0].astype(int) - c[0]).max() <= 2  # same seed, same image
+    assert not np.array_equal(a[1], c[1])
+    noise = mini_generator.initial_noise([11, 12], 64)
+    assert torch.equal(noise[0], mini_generator.initial_noise([11], 64)[0])
+
+
+def test_legacy_text_model_keys_load_into_the_plain_class(mini_arc2face, mini_generator):
+    repo, _ = mini_arc2face
+    saved = torch.load(repo / "encoder" / "pytorch_model.bin", weights_only=True)
+    assert all(k.startswith("text_model.") for k in saved)
+    loaded = mini_generator.text_encoder.state_dict()
+    for key, value in saved.items():
+        assert torch.equal(loaded[key[len("text_model."):]], value)
+
+
+def test_encoder_with_foreign_keys_is_refused(mini_arc2face, tmp_path):
+    repo, _ = mini_arc2face
+    bad = tmp_path / "encoder"
+    shutil.copytree(repo / "encoder", bad)
+    state = torch.load(bad / "pytorch_model.bin", weights_only=True)
+    torch.save({k.replace("text_model.", "model.text."): v for k, v in state.items()}, bad / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="do not match"):
+        load_id_encoder(bad)
+
+
+def test_missing_files_in_a_local_directory(mini_arc2face, tmp_path):
+    repo, base = mini_arc2face
+    copy = tmp_path / "Arc2Face"
+    shutil.copytree(repo, copy)
+    (copy / "arc2face" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelError) as err:
+        Arc2Face.from_pretrained(copy, base, device="cpu")
+    msg = str(err.value)
+    assert "arc2face/diffusion_pytorch_model.safetensors" in msg and "hf download FoivosPar/Arc2Face" in msg
+    assert "\n" not in msg
+    with pytest.raises(ModelError, match="not found"):
+        Arc2Face.from_pretrained(tmp_path / "nowhere", base, device="cpu")
+
+
+def _hub_cache(root: Path, repo_id: str, source: Path) -> None:
+    """Lay ``source`` out as the hub cache does: models--org--name/snapshots/<commit>/..., refs/main."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = root / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(source, folder / "snapshots" / commit)
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+
+
+def test_loading_by_hub_id_from_the_cache_offline(mini_arc2face, tmp_path):
+    repo, base = mini_arc2face
+    cache = tmp_path / "hub"
+    _hub_cache(cache, "FoivosPar/Arc2Face", repo)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    code = ("from digi2real.generation.arc2face import Arc2Face\n"
+            "m = Arc2Face.from_pretrained('FoivosPar/Arc2Face', %r, device='cpu')\n"
+            "print(m.info['revision'], m.id_position)\n") % str(base)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0123456789abcdef0123456789abcdef01234567", "4"]
+    # The base repo is not cached: one clear error naming the repo and how to fetch it.
+    code = "from digi2real.generation.arc2face import Arc2Face\nArc2Face.from_pretrained('FoivosPar/Arc2Face')\n"
+    out = subprocess.run([sys.executable, "-m", "digi2real.cli"] if False else [sys.executable, "-c", code],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in out.stderr and "HF_HUB_OFFLINE" in out.stderr

@@ -1,0 +1,317 @@
+"""The generation runner on the miniature Arc2Face: determinism, shard and resume equivalence, the identity gate,
+the manifest, the card and `regenerate` (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from digi2real.config import AlignConfig, DetectorConfig, EmbedConfig, EncoderConfig, GateConfig, GenerateConfig
+from digi2real.config import PlanConfig, SelectConfig
+from digi2real.dataset.imagefolder import ImageFolderDataset
+from digi2real.errors import ConfigError, Digi2RealError
+from digi2real.faces.arcface import ArcFaceEncoder
+from digi2real.faces.mtcnn import MTCNN
+from digi2real.generation.runner import (
+    FaceChecker,
+    ManifestWriter,
+    attempt_seed,
+    generate_dataset,
+    prepare_job,
+    read_rows,
+    regenerate,
+    work_units,
+)
+from digi2real.generation.shift import RealismShift
+from digi2real.identity.embed import embed_source
+from digi2real.identity.plan import make_plan, write_plan
+from digi2real.identity.select import select_identities, write_selection
+from digi2real.identity.store import read_store
+from digi2real.sharding import Shard
+from digi2real.sources.procedural import ProceduralSource
+
+ANY_FACE = DetectorConfig(thresholds=(0.0, 0.0, 0.0))  # the miniature draws no faces: accept whatever MTCNN finds
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory, mini_arc2face) -> Path:
+    """embed -> select -> plan on procedural identities with the miniature's ArcFace: 5 identities x 4 images."""
+    repo, _ = mini_arc2face
+    root = tmp_path_factory.mktemp("gen")
+    encoder = ArcFaceEncoder.load(EncoderConfig(model=str(repo / "arcface.onnx")))
+    embed_source(ProceduralSource(8, 5, seed=0), encoder, root / "emb", EmbedConfig(), progress=False)
+    store = read_store(root / "emb")
+    selection = select_identities(store, SelectConfig(n=5))
+    write_selection(root / "ids.csv", selection)
+    plan = make_plan(store, list(selection.identities), PlanConfig(images_per_identity=4, images_per_latent=2))
+    write_plan(root / "plan.parquet", plan)
+    return root / "plan.parquet"
+
+
+@pytest.fixture(scope="module")
+def encoder(mini_arc2face) -> ArcFaceEncoder:
+    return ArcFaceEncoder.load(EncoderConfig(model=str(mini_arc2face[0] / "arcface.onnx")))
+
+
+def _job(plan_file, model, encoder, detector_cfg=ANY_FACE, shift=None, **gen):
+    settings = {"steps": 2, "size": 64, "batch_size": 8, **gen}
+    cfg = GenerateConfig(**settings)
+    align = AlignConfig(detector=detector_cfg)
+    checker = FaceChecker(MTCNN.from_package(align.detector, device="cpu"), encoder, align,
+                          cfg.gate.min_similarity, cfg.gate.against)
+    shift_path = None
+    if shift is not None:
+        from digi2real.generation.shift import write_shift
+
+        shift_path = plan_file.parent / "shift.safetensors"
+        write_shift(shift_path, shift)
+    job, _ = prepare_job(plan_file, None, model=model, checker=checker, cfg=cfg, align=align, shift=shift,
+                         shift_path=shift_path, embeddings=None, encoder_hash=encoder.file_hash())
+    return job, shift_path
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "images").rglob("*")) if p.is_file()}
+
+
+def _rows(root: Path) -> list[dict]:
+    return sorted(({k: v for k, v in r.items() if k != "shard"} for r in read_rows(root)),
+                  key=lambda r: (r["key"], r["attempt"]))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, plan_file, mini_generator, encoder) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "dataset"
+    job, _ = _job(plan_file, mini_generator, encoder)
+    summary = generate_dataset(job, out, progress=False)
+    assert summary.written == 20 and summary.rejected == 0
+    return out
+
+
+def test_dataset_layout_manifest_and_card(reference):
+    files = _files(reference)
+    assert len(files) == 20 and all(name.endswith(".png") for name in files)
+    ds = ImageFolderDataset(reference)
+    assert len(ds) == 20 and ds.num_classes == 5
+    image, _ = ds[0]
+    assert image.shape == (112, 112, 3)
+    rows = _rows(reference)
+    assert len(rows) == 20 and all(r["status"] == "ok" and r["final"] for r in rows)
+    row = rows[0]
+    for field in ("key", "identity", "seed", "t", "sample_path", "attempt_seed", "detection", "id_similarity",
+                  "proto_similarity", "unit", "batch", "shift_weight"):
+        assert field in row
+    assert len(row["detection"]["landmarks"]) == 5 and -1 <= row["id_similarity"] <= 1
+    record = json.loads((reference / "generation.json").read_text())
+    assert record["planned_images"] == 20 and record["settings"]["generate"]["steps"] == 2
+    card = (reference / "card.md").read_text()
+    assert "complete: 20 of 20 planned images finished" in card and "20 accepted" in card
+
+
+def test_same_seed_same_images(tmp_path, reference, plan_file, mini_generator, encoder):
+    job, _ = _job(plan_file, mini_generator, encoder)
+    generate_dataset(job, tmp_path / "again", progress=False)
+    assert _files(tmp_path / "again") == _files(reference)
+    assert _rows(tmp_path / "again") == _rows(reference)
+
+
+def test_three_shards_make_the_same_dataset(tmp_path, reference, plan_file, mini_generator, encoder):
+    out = tmp_path / "sharded"
+    for i in (2, 0, 1):
+        job, _ = _job(plan_file, mini_generator, encoder)
+        generate_dataset(job, out, shard=Shard(i, 3), progress=False)
+    assert sorted(p.name for p in (out / "manifest").iterdir()) == [
+        f"shard-0000{i}-of-00003.jsonl" for i in range(3)]
+    assert _files(out) == _files(reference)
+    assert _rows(out) == _rows(reference)
+
+
+def test_work_units_do_not_depend_on_sharding():
+    ids = ["a"] * 3 + ["b"] * 3 + ["c"] * 9 + ["d"] * 2
+    units = [u.tolist() for u in work_units(ids, 6)]
+    assert units == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16]]
+    assert sorted(r for u in units for r in u) == list(range(len(ids)))
+    assert [u.tolist() for u in work_units(ids, 1)] == [[i] for i in range(len(ids))]
+
+
+def test_attempt_seeds():
+    assert attempt_seed(123, 0) == 123
+    assert attempt_seed(123, 1) == attempt_seed(123, 1) != attempt_seed(123, 2)
+    assert 0 <= attempt_seed(2**63 - 1, 5) < 2**63
+
+
+def test_shift_weight_zero_gives_the_unshifted_images(tmp_path, reference, plan_file, mini_generator, encoder):
+    delta = torch.randn(77, mini_generator.hidden_size, generator=torch.Generator().manual_seed(0))
+    shift = RealismShift(delta, {"kind": "test"})
+    job, path = _job(plan_file, mini_generator, encoder, shift=shift, shift_weight=0.0)
+    generate_dataset(job, tmp_path / "w0", progress=False, shift_path=path)
+    assert _files(tmp_path / "w0") == _files(reference)
+    job, path = _job(plan_file, mini_generator, encoder, shift=shift, shift_weight=1.0)
+    generate_dataset(job, tmp_path / "w1", progress=False, shift_path=path)
+    shifted = _files(tmp_path / "w1")
+    assert shifted.keys() == _files(reference).keys() and shifted != _files(reference)
+    assert {r["shift_weight"] for r in read_rows(tmp_path / "w1")} == {1.0}
+
+
+def test_gate_rejects_and_retries(tmp_path, reference, plan_file, mini_generator, encoder):
+    sims = sorted(r["id_similarity"] for r in read_rows(reference))
+    threshold = sims[len(sims) // 2]  # about half the first attempts fall below it
+    job, _ = _job(plan_file, mini_generator, encoder, gate=GateConfig(min_similarity=threshold, max_retries=2))
+    summary = generate_dataset(job, tmp_path / "gated", progress=False)
+    rows = read_rows(tmp_path / "gated")
+    first = [r for r in rows if r["attempt"] == 0]
+    low = [r for r in first if r["status"] == "low_similarity"]
+    assert len(first) == 20 and low
+    assert all(r["id_similarity"] < threshold and not r["final"] and r["path"] is None for r in low)
+    retried = {r["key"] for r in rows if r["attempt"] > 0}
+    assert retried == {r["key"] for r in low}
+    for r in rows:
+        if r["attempt"] > 0:
+            assert r["attempt_seed"] == attempt_seed(r["seed"], r["attempt"])
+    finals = {r["key"]: r for r in rows if r["final"]}
+    assert len(finals) == 20
+    ok = [r for r in finals.values() if r["status"] == "ok"]
+    assert all(r["id_similarity"] >= threshold for r in ok)
+    assert summary.written == len(ok) and summary.rejected == 20 - len(ok)
+    assert len(ImageFolderDataset(tmp_path / "gated")) == len(ok)
+    assert len(_files(tmp_path / "gated")) == len(ok)
+    card = (tmp_path / "gated" / "card.md").read_text()
+    assert f"{len(ok)} accepted" in card and "low_similarity" in card
+    # First attempts are the reference run's images: the gate only adds work for the rejected ones.
+    ref = _files(reference)
+    for r in ok:
+        if r["attempt"] == 0:
+            assert (tmp_path / "gated" / "images" / r["path"]).read_bytes() == ref[f"images/{r['path']}"]
+
+
+def test_no_face_is_rejected_after_retries(tmp_path, plan_file, mini_generator, encoder):
+    """With real detector thresholds the miniature's noise images hold no face: every image is retried, then
+    recorded as rejected, and nothing is written."""
+    job, _ = _job(plan_file, mini_generator, encoder, detector_cfg=DetectorConfig(), gate=GateConfig(max_retries=1))
+    summary = generate_dataset(job, tmp_path / "noface", progress=False)
+    rows = read_rows(tmp_path / "noface")
+    finals = [r for r in rows if r["final"]]
+    assert len(finals) == 20 and summary.written == sum(r["status"] == "ok" for r in finals)
+    rejected = [r for r in finals if r["status"] != "ok"]
+    assert len(rejected) >= 15 and all(r["status"] == "no_face" and r["attempt"] == 1 for r in rejected)
+    assert all("no face found" in r["reason"] for r in rejected)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, reference, plan_file, mini_generator, encoder):
+    job, _ = _job(plan_file, mini_generator, encoder, steps=3)
+    with pytest.raises(ConfigError, match="generate.steps was 2, now 3"):
+        generate_dataset(job, reference, progress=False)
+
+
+def test_dry_run_makes_nothing(tmp_path, plan_file, mini_generator, encoder):
+    job, _ = _job(plan_file, mini_generator, encoder)
+    lines = generate_dataset(job, tmp_path / "dry", dry_run=True)
+    text = "\n".join(lines)
+    assert "to make: 20" in text and "UNet evaluations: 80" in text and "s per image" in text
+    assert not (tmp_path / "dry").exists()
+
+
+def test_manifest_writer_lock_and_torn_tail(tmp_path):
+    path = tmp_path / "manifest" / "shard-00000-of-00001.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"key": "a/0", "final": true, "status": "ok", "attempt": 0}\n{"key": "a/1", "fin')
+    writer = ManifestWriter(path)
+    try:
+        assert path.read_text().endswith("}\n")
+        with pytest.raises(Digi2RealError, match="another process"):
+            ManifestWriter(path)
+        writer.append([{"key": "a/1", "final": True, "status": "ok", "attempt": 0}])
+    finally:
+        writer.close()
+    assert [r["key"] for r in read_rows(tmp_path)] == ["a/0", "a/1"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "digi2real.cli", *args]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{args[0]}: {done.stderr[-2000:]}"
+    return done
+
+
+def test_cli_pipeline_killed_run_resumes_to_the_identical_dataset(tmp_path, mini_arc2face, mini_generator, encoder):
+    """embed -> select -> plan -> shift -> generate from the CLI; SIGKILL mid-run and start again: the same files
+    and rows as an uninterrupted run; `regenerate` reproduces an image exactly."""
+    from digi2real.generation.shift import read_shift
+    from digi2real.imageio import read_image, write_image
+
+    repo, base = mini_arc2face
+    onnx = str(repo / "arcface.onnx")
+    _run("embed", "--set", "source.kind=procedural", "--set", "source.identities=8", "--encoder", onnx,
+         "-o", str(tmp_path / "emb"), "-q")
+    _run("select", str(tmp_path / "emb"), "-n", "5", "-o", str(tmp_path / "ids.csv"), "-q")
+    _run("plan", str(tmp_path / "emb"), "--ids", str(tmp_path / "ids.csv"), "--images", "4", "--per-latent", "2",
+         "-o", str(tmp_path / "plan.parquet"))
+    rng = np.random.default_rng(0)
+    for i in range(6):  # stand-ins for aligned real faces (112 x 112 images are taken as aligned crops)
+        write_image(tmp_path / "real" / f"{i}.png", rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    models = ["--arc2face", str(repo), "--base", str(base), "--encoder", onnx, "--device", "cpu"]
+    shift_out = _run("shift", "--real", str(tmp_path / "real"), "--synthetic", str(tmp_path / "emb"),
+                     "-o", str(tmp_path / "shift.safetensors"), *models, "-q")
+    assert "realism shift" in shift_out.stdout
+    shift = read_shift(tmp_path / "shift.safetensors", hidden=mini_generator.hidden_size)
+
+    plan_file = tmp_path / "plan.parquet"
+    job, _ = _job(plan_file, mini_generator, encoder, shift=None, steps=4, batch_size=4)
+    job.delta = shift.delta
+    job.settings["shift_sha256"] = "in-process reference"
+    generate_dataset(job, tmp_path / "whole", progress=False)
+
+    out = tmp_path / "killed"
+    cmd = _cli("generate", str(plan_file), "-o", str(out), "--shift", str(tmp_path / "shift.safetensors"),
+               *models, "--steps", "4", "--size", "64", "--batch-size", "4",
+               "--set", "align.detector.thresholds=[0,0,0]", "-q")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    manifest = out / "manifest" / "shard-00000-of-00001.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.is_file() and manifest.read_text().count("\n") >= 4:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read().decode()[-800:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 4 <= manifest.read_text().count("\n") < 20
+    for image in (out / "images").rglob("*.png"):  # whatever is visible is whole
+        assert read_image(image).shape == (112, 112, 3)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "already done" in done.stdout
+    assert _files(out) == _files(tmp_path / "whole")
+    assert _rows(out) == _rows(tmp_path / "whole")
+    assert {r["shift_weight"] for r in read_rows(out)} == {1.0}
+    assert not list(out.rglob(".*.tmp"))
+    assert "complete: 20 of 20" in (out / "card.md").read_text()
+
+    key = _rows(out)[-1]["key"]
+    again = subprocess.run(_cli("regenerate", str(out), key, "-q"), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "identical to" in again.stdout, again.stdout + again.stderr[-1500:]
+
+
+def test_regenerate_in_process_matches_the_file(reference, plan_file, mini_generator, encoder):
+    from digi2real.imageio import read_image
+
+    job, _ = _job(plan_file, mini_generator, encoder)
+    for key in ("%s/3" % read_rows(reference)[0]["identity"], read_rows(reference)[-1]["key"]):
+        crop, event = regenerate(job, key)
+        ident, k = key.rsplit("/", 1)
+        assert np.array_equal(crop, read_image(reference / "images" / ident / f"{k}.png"))
+        assert event.final and event.attempt == 0
+    with pytest.raises(Digi2RealError, match="not a key"):
+        regenerate(job, "nobody/0")
