@@ -460,9 +460,12 @@ def estimate(model: "Arc2Face", cfg: GenerateConfig, n_images: int, batch: int) 
     scheduler = model.make_scheduler(cfg.steps)
     t = scheduler.timesteps[0]
 
+    with torch.no_grad():  # warm-up on one image: lazy initialisation and kernel selection are not per-image costs
+        model.unet_eps(noise[:1], t, cond[:1], cfg.guidance)
+        model.decode(noise[:1])
+
     def timed(fn: Callable[[], Any]) -> float:
         if model.device.type == "cuda":
-            fn()  # warm-up: kernel selection
             torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
