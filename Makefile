@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo run bench clean
 
 install: $(STAMP)
 
@@ -19,12 +19,19 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# The whole method on the built-in miniature (procedural identities, random miniature models): a few minutes on CPU.
 demo: $(STAMP)
-	$(VENV)/bin/digi2real demo -o demo-out
+	$(VENV)/bin/digi2real run configs/demo.yaml
+
+# The paper's recipe (a GPU, the hub weights, DigiFace-1M under data/, FFHQ under data/ffhq, benchmarks under
+# data/benchmarks): see README.md.
+run: $(STAMP)
+	$(VENV)/bin/digi2real run configs/digi2real-20k.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_embed.py
 	$(PY) benchmarks/bench_select.py
+	$(PY) benchmarks/bench_generate.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -12,6 +12,7 @@ from PIL import Image
 
 from digi2real.config import DetectorConfig
 from digi2real.miniature import build_mini_arc2face, build_mini_arcface
+from digi2real.sources.procedural import render_item
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +62,36 @@ def grace() -> np.ndarray:
     """matplotlib's grace_hopper.jpg (one face)."""
     with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
         return np.array(img.convert("RGB"))
+
+
+class ArraySet:
+    """A TrainingSet over images rendered once into memory (keeps rendering out of the timed loop; picklable)."""
+
+    def __init__(self, identities: int, per: int, seed: int = 0) -> None:
+        self.images = np.stack([render_item(seed, i, k) for i in range(identities) for k in range(per)])
+        self.labels = np.repeat(np.arange(identities, dtype=np.int64), per)
+        self.num_classes = identities
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def kill_when_rows(cmd: list[str], manifest: Path, rows: int, timeout: float = 300.0) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as ``manifest`` holds ``rows`` lines: a crash in the middle of the work."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.is_file() and manifest.read_text().count("\n") >= rows:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read().decode()[-800:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -4,11 +4,8 @@ the manifest, the card and `regenerate` (issue 4)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +35,8 @@ from digi2real.identity.select import select_identities, write_selection
 from digi2real.identity.store import read_store
 from digi2real.sharding import Shard
 from digi2real.sources.procedural import ProceduralSource
+
+from conftest import kill_when_rows
 
 ANY_FACE = DetectorConfig(thresholds=(0.0, 0.0, 0.0))  # the miniature draws no faces: accept whatever MTCNN finds
 
@@ -165,7 +164,8 @@ def test_shift_weight_zero_gives_the_unshifted_images(tmp_path, reference, plan_
 def test_gate_rejects_and_retries(tmp_path, reference, plan_file, mini_generator, encoder):
     sims = sorted(r["id_similarity"] for r in read_rows(reference))
     threshold = sims[len(sims) // 2]  # about half the first attempts fall below it
-    job, _ = _job(plan_file, mini_generator, encoder, gate=GateConfig(min_similarity=threshold, max_retries=2))
+    job, _ = _job(plan_file, mini_generator, encoder, gate=GateConfig(min_similarity=threshold, max_retries=2),
+                  keep_raw=True)
     summary = generate_dataset(job, tmp_path / "gated", progress=False)
     rows = read_rows(tmp_path / "gated")
     first = [r for r in rows if r["attempt"] == 0]
@@ -184,6 +184,11 @@ def test_gate_rejects_and_retries(tmp_path, reference, plan_file, mini_generator
     assert summary.written == len(ok) and summary.rejected == 20 - len(ok)
     assert len(ImageFolderDataset(tmp_path / "gated")) == len(ok)
     assert len(_files(tmp_path / "gated")) == len(ok)
+    from digi2real.imageio import read_image
+
+    raws = sorted((tmp_path / "gated" / "raw").rglob("*.png"))  # keep_raw: the full generated image of each ok one
+    assert len(raws) == len(ok) and all(read_image(p).shape == (64, 64, 3) for p in raws)
+    assert all(r["raw_path"] and (tmp_path / "gated" / r["raw_path"]).is_file() for r in ok)
     card = (tmp_path / "gated" / "card.md").read_text()
     assert f"{len(ok)} accepted" in card and "low_similarity" in card
     # First attempts are the reference run's images: the gate only adds work for the rejected ones.
@@ -277,16 +282,8 @@ def test_cli_pipeline_killed_run_resumes_to_the_identical_dataset(tmp_path, mini
     cmd = _cli("generate", str(plan_file), "-o", str(out), "--shift", str(tmp_path / "shift.safetensors"),
                *models, "--steps", "4", "--size", "64", "--batch-size", "4",
                "--set", "align.detector.thresholds=[0,0,0]", "-q")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     manifest = out / "manifest" / "shard-00000-of-00001.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if manifest.is_file() and manifest.read_text().count("\n") >= 4:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read().decode()[-800:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when_rows(cmd, manifest, 4)
     assert 4 <= manifest.read_text().count("\n") < 20
     for image in (out / "images").rglob("*.png"):  # whatever is visible is whole
         assert read_image(image).shape == (112, 112, 3)

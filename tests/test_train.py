@@ -24,20 +24,7 @@ from digi2real.training import loop
 from digi2real.training.data import ResumableSampler, make_loader, normalize
 from digi2real.training.loop import train
 
-
-class ArraySet:
-    """A TrainingSet over images rendered once into memory (keeps rendering out of the timed loop; picklable)."""
-
-    def __init__(self, identities: int, per: int, seed: int = 0) -> None:
-        self.images = np.stack([render_item(seed, i, k) for i in range(identities) for k in range(per)])
-        self.labels = np.repeat(np.arange(identities, dtype=np.int64), per)
-        self.num_classes = identities
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        return self.images[i], int(self.labels[i])
+from conftest import ArraySet
 
 
 def tiny_cfg(**kw) -> TrainConfig:

@@ -18,6 +18,7 @@ from digi2real.errors import Digi2RealError
 
 PIPELINE = """\
 stages (each reads the previous one's output; see README.md):
+  run       all of them in order, skipping what is done        CONFIG -> output_dir/ (dataset, model, report)
   embed     ArcFace embeddings of the source images          SOURCE  -> embeddings/
   select    prototypes + keep the least similar identities   embeddings/ -> ids.csv
   plan      SLERP latents and per-image seeds                 embeddings/ + ids.csv -> plan.parquet
@@ -31,6 +32,7 @@ stages (each reads the previous one's output; see README.md):
   export    a trained backbone as ONNX                       RUN/ -> model.onnx
   eval      LFW-family, IJB-B/C and RFW benchmarks of a model MODEL -> results.json/.md/.csv + ROC plots
   compare   one table from several eval result folders
+  report    one self-contained HTML page of a run             RUN/ -> RUN/report.html
   download  fetch DigiFace-1M zips (resumable)
   demo      run the stages on the built-in procedural faces
 """
@@ -219,6 +221,51 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------------- run
+def _run_parser(sub) -> None:
+    p = sub.add_parser(
+        "run", formatter_class=_formatter, help="every stage in order: identities -> dataset -> model -> table",
+        description=textwrap.dedent("""\
+            Run embed, select, plan, shift, generate, pack, train, eval and report in order, as CONFIG says, in
+            its output_dir. Each stage's settings and inputs are fingerprinted in output_dir/pipeline.json: a stage
+            done with the same fingerprint is skipped, an interrupted one resumes, and a changed setting re-runs
+            that stage and the ones after it (their old outputs are moved to output_dir/stale/, never mixed with
+            new ones). Kill it at any moment and run the same command again."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              digi2real run configs/demo.yaml                       # the built-in miniature (make demo)
+              digi2real run configs/digi2real-20k.yaml              # the paper's recipe (GPU, weights, DigiFace)
+              digi2real run configs/digi2real-20k.yaml --dry-run    # what would run, with work estimates
+              digi2real run configs/digi2real-20k.yaml --until generate
+              digi2real run configs/ablations/alpha-1.yaml --set generate.batch_size=32"""),
+    )
+    p.add_argument("config", type=Path, metavar="CONFIG", help="experiment YAML (configs/*.yaml)")
+    p.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (earlier ones must be done)")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    p.add_argument("--dry-run", action="store_true", help="print what each stage would do, and estimates; run nothing")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value by dotted key (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from digi2real.config import load_experiment, parse_override
+    from digi2real.pipeline import run_pipeline
+
+    overrides = {}
+    for item in args.set:
+        keys, value = parse_override(item)
+        overrides[".".join(keys)] = value
+    if not args.config.is_file():
+        raise Digi2RealError(f"{args.config}: config not found; see configs/ (e.g. configs/demo.yaml)")
+    cfg = load_experiment(args.config, overrides)
+    outcome = run_pipeline(cfg, start=args.start, until=args.until, dry=args.dry_run, progress=not args.quiet)
+    if outcome:
+        print("stages: " + ", ".join(f"{k} {v}" for k, v in outcome.items()))
+    return 0 if all(v != "incomplete" for v in outcome.values()) else 3
+
+
 # -------------------------------------------------------------------------------------------------------- download
 def _download_parser(sub) -> None:
     p = sub.add_parser(
@@ -298,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     from digi2real.evaluation import commands as eval_commands
     from digi2real.faces import commands as face_commands
     from digi2real.generation import commands as generation_commands
+    from digi2real.report import commands as report_commands
     from digi2real.training import commands as train_commands
 
     face_commands.register(sub)
@@ -305,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     dataset_commands.register(sub)
     train_commands.register(sub)
     eval_commands.register(sub)
+    report_commands.register(sub)
+    _run_parser(sub)
     _download_parser(sub)
     _demo_parser(sub)
     return parser

@@ -77,10 +77,10 @@ class EmbedConfig(Section):
 class SelectConfig(Section):
     """`select`: identity prototypes and the paper's similarity filtering (section 4.1, Tables 3-4)."""
 
-    method: Literal["least_similar", "greedy"] = Field(
+    method: Literal["least_similar", "greedy", "first"] = Field(
         "least_similar",
         description="least_similar: sort identities by their maximum cosine to any other prototype and keep the n "
-        "lowest (the paper); greedy: walk identities from least to most similar and keep one only if its cosine "
+        "lowest (the paper); first: the first n in source order, no filtering (the paper's unfiltered sets); greedy: walk identities from least to most similar and keep one only if its cosine "
         "to every kept identity is below `threshold`.",
     )
     n: int | None = Field(20000, gt=0, description="How many identities to keep (null: all that pass).")
@@ -157,6 +157,9 @@ class Arc2FaceConfig(Section):
 class ShiftConfig(Section):
     """`shift`: the CLIP-space realism shift, Delta = mean C(real) - mean C(synthetic) (paper section 3)."""
 
+    real: Path | None = Field(None, description="`run`: real faces (a folder of photos or aligned crops, or an "
+                              "embeddings directory), e.g. FFHQ; null: no realism shift.")
+    synthetic: Path | None = Field(None, description="`run`: rendered faces; null: the run's own embeddings.")
     images: int = Field(1000, gt=0, description="Images drawn from each side (paper: 1000 FFHQ, 1000 DigiFace).")
     seed: int = Field(0, ge=0, description="Seed of the random choice of images when a folder holds more.")
     batch_size: int = Field(64, gt=0, description="Identity embeddings encoded at once.")
@@ -201,6 +204,11 @@ BENCHMARKS = VERIFICATION_SETS + ("ijbb", "ijbc", "rfw")
 
 class EvalConfig(Section):
     """`eval`: face-verification benchmarks in insightface's protocols (FACTS 8, 9; paper Tables 5-7)."""
+
+    data_root: Path | None = Field(None, description="`run`: folder holding the benchmark files (lfw.bin ..., IJBB/, "
+                                   "IJBC/, RFW/); null: only `pairs` sets.")
+    pairs: dict[str, Path] = Field(default_factory=dict, description="`run`: extra verification sets kept as image "
+                                   "files plus a pairs file, by name.")
 
     benchmarks: list[Literal["lfw", "calfw", "cplfw", "agedb_30", "cfp_fp", "cfp_ff", "ijbb", "ijbc", "rfw"]] = Field(
         default_factory=lambda: ["lfw", "calfw", "cplfw", "agedb_30", "cfp_fp", "ijbb", "ijbc", "rfw"],
@@ -262,13 +270,39 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0, description="Seed of initialisation, sampling order and augmentation.")
     log_every: int = Field(50, gt=0, description="Iterations between log lines.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    verify_sets: list[Path] = Field(
+        default_factory=list,
+        description="insightface verification .bin files (lfw.bin, cfp_fp.bin, ...) scored during training on the "
+        "main process, each named by its file stem; checked when training starts.")
+    verify_every: int | None = Field(
+        None, gt=0, description="Iterations between verifications (and at the last step); null: at each epoch end.")
     data: DataConfig = Field(default_factory=DataConfig)
+
+
+class PackConfig(Section):
+    """`pack` inside `run`: the generated dataset as insightface RecordIO."""
+
+    enabled: bool = Field(True, description="Train from the packed set (false: train from the image folder).")
+    quality: int = Field(95, ge=1, le=100, description="JPEG quality of the packed images.")
+    keep_png: bool = Field(False, description="Store PNG losslessly instead of JPEG.")
+
+
+class ReportConfig(Section):
+    """`report`: the HTML page of a run."""
+
+    identities: int = Field(8, gt=0, description="Identities shown in the sample grids.")
+    samples: int = Field(6, gt=0, description="Generated images shown per identity.")
+    pairs: int = Field(3000, gt=0, description="Genuine and impostor pairs drawn for the similarity histograms.")
+    seed: int = Field(0, ge=0, description="Seed of every random choice in the report.")
 
 
 class ExperimentConfig(Section):
     """A whole experiment: one section per stage."""
 
     name: str = Field("experiment", min_length=1, description="Name used in reports and dataset cards.")
+    miniature: bool = Field(False, description="`run`: build and use miniature random models (Arc2Face layout and "
+                            "ArcFace ONNX) and a procedural verification set instead of real weights and benchmarks: "
+                            "the demo. Shows the machinery, not realistic faces.")
     output_dir: Path = Field(Path("runs/experiment"), description="Where every stage writes its artifacts.")
     source: SourceConfig = Field(default_factory=lambda: SourceConfig(kind="procedural"))
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
@@ -279,8 +313,10 @@ class ExperimentConfig(Section):
     arc2face: Arc2FaceConfig = Field(default_factory=Arc2FaceConfig)
     shift: ShiftConfig = Field(default_factory=ShiftConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    pack: PackConfig = Field(default_factory=PackConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
 
 def _allowed(model: type[BaseModel]) -> str:
@@ -384,9 +420,35 @@ def section_overrides(flags: dict[str, Any], sets: list[str] | None, section: st
     return out
 
 
+def _merge(base: dict, overlay: dict) -> dict:
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_layered(path: str | os.PathLike[str], seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML whose ``extends: other.yaml`` (relative to the file) is deep-merged over that base: ablation configs
+    are small overlays on the recipe they vary."""
+    path = Path(path)
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base_path = (path.parent / str(parent)).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: `extends` loops back to {base_path}")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: extends {parent!r}, but {base_path} does not exist")
+    return _merge(load_layered(base_path, seen + (base_path,)), data)
+
+
 def load_experiment(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Load an experiment YAML (or the defaults when ``path`` is None) and apply overrides."""
-    data = load_yaml(path) if path is not None else {}
+    """Load an experiment YAML (or the defaults when ``path`` is None; ``extends:`` overlays resolved) and apply
+    overrides."""
+    data = load_layered(path) if path is not None else {}
     data = apply_overrides(data, overrides or {})
     cfg = validate_config(ExperimentConfig, data, origin=str(path) if path else "")
     if path is not None and cfg.source.path is not None and not cfg.source.path.is_absolute():

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from digi2real.config import EmbedConfig, EncoderConfig, PlanConfig, SelectConfig
+from digi2real.errors import Digi2RealError
 from digi2real.faces.arcface import ArcFaceEncoder
 from digi2real.identity.embed import embed_source
 from digi2real.identity.plan import make_plan, write_plan
@@ -72,6 +73,23 @@ def _sample_photos() -> list[Path]:
     except ImportError:
         pass
     return [p for p in found if p.is_file()]
+
+
+def align_sample_photos(dest: Path, progress: bool = False) -> int:
+    """Align the real photos shipped by installed packages into ``dest`` (112 x 112 crops); returns how many."""
+    import tempfile
+
+    from digi2real.faces.align_stage import align_folder
+
+    photos = _sample_photos()
+    if not photos:
+        raise Digi2RealError("no sample photos found: the demo's real faces come from scikit-image and matplotlib; "
+                             "install them (pip install -e '.[test]')")
+    with tempfile.TemporaryDirectory() as tmp:
+        for photo in photos:
+            shutil.copyfile(photo, Path(tmp) / photo.name)
+        summary = align_folder(Path(tmp), dest, progress=progress)
+    return summary.ok
 
 
 def _align_real_photos(out: Path, progress: bool) -> Path | None:

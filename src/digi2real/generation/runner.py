@@ -520,8 +520,9 @@ def prepare_job(plan_path: Path, out_dir: Path | None, *, model: "Arc2Face | Non
 
 
 def generate_dataset(job: GenerationJob, out_dir: Path, *, shard: Shard = Shard(), progress: bool = True,
-                     dry_run: bool = False, extra: dict | None = None, shift_path: Path | None = None, embeddings: Path | None = None) -> GenerateSummary | list[str]:
-    """Make (or finish) this shard's part of the dataset; write the card. ``dry_run`` returns the forecast instead."""
+                     dry_run: bool = False, fresh: bool = False, extra: dict | None = None, shift_path: Path | None = None, embeddings: Path | None = None) -> GenerateSummary | list[str]:
+    """Make (or finish) this shard's part of the dataset; write the card. ``dry_run`` returns the forecast instead
+    (``fresh``: as if ``out_dir`` were empty, for a dataset about to be replaced)."""
     from tqdm.auto import tqdm
 
     from digi2real.dataset.card import write_card
@@ -530,7 +531,7 @@ def generate_dataset(job: GenerationJob, out_dir: Path, *, shard: Shard = Shard(
     keys = job.column("key")
     mine = [(i, u) for i, u in enumerate(job.units) if shard.owns(i)]
     shard_images = sum(len(u) for _, u in mine)
-    rows = read_rows(out_dir) if (out_dir / MANIFEST_DIR).is_dir() else []
+    rows = read_rows(out_dir) if (out_dir / MANIFEST_DIR).is_dir() and not fresh else []
     done = final_keys(rows)
     todo = [(i, u) for i, u in mine if any(keys[r] not in done for r in u)]
     pending = sum(sum(keys[r] not in done for r in u) for _, u in todo)

@@ -52,6 +52,14 @@ class RealismShift:
 
     delta: torch.Tensor
     meta: dict = field(default_factory=dict)
+    #: The token-averaged conditionings of the two sides (``real``, ``synthetic``: N x hidden), kept in memory after
+    #: :func:`compute_shift` and saved beside the shift by :func:`make_shift` for plots (the paper's Figure 3).
+    features: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+
+def features_path(shift_path: Path) -> Path:
+    """Where :func:`make_shift` keeps the per-face conditioning features: ``shift.features.npz`` beside the shift."""
+    return Path(shift_path).with_suffix(".features.npz")
 
 
 # ------------------------------------------------------------------------------------------------ collecting inputs
@@ -296,7 +304,7 @@ def compute_shift(model: "Arc2Face", real_embeddings: np.ndarray | torch.Tensor,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "digi2real_version": __version__,
     }
-    return RealismShift(delta, meta)
+    return RealismShift(delta, meta, {"real": real_feats.astype(np.float32), "synthetic": syn_feats.astype(np.float32)})
 
 
 # ---------------------------------------------------------------------------------------------------------- storage
@@ -385,6 +393,10 @@ def make_shift(real: Path, synthetic: Path, output: Path, model: "Arc2Face", enc
         "settings": {"images": cfg.images, "seed": cfg.seed, "batch_size": cfg.batch_size},
     })
     write_shift(Path(output), shift)
+    if shift.features is not None:
+        with atomic_path(features_path(Path(output))) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **shift.features)
     return shift
 
 

@@ -155,11 +155,14 @@ def select_identities(store: EmbeddingStore, cfg: SelectConfig) -> Selection:
     order = np.argsort(best, kind="stable")
     if cfg.method == "least_similar":
         chosen = order if cfg.n is None else order[: cfg.n]
+    elif cfg.method == "first":  # no similarity filtering: the paper's unfiltered sets (Tables 1-3)
+        everyone = np.arange(len(labels))
+        chosen = everyone if cfg.n is None else everyone[: cfg.n]
     else:
         assert cfg.threshold is not None
         chosen = select_greedy(vectors, cfg.threshold, cfg.n, order=order, block_size=cfg.block_size)
     if cfg.n is not None and len(chosen) < cfg.n:
-        note = f"only {len(chosen)} identities available" if cfg.method == "least_similar" else (
+        note = f"only {len(chosen)} identities available" if cfg.method != "greedy" else (
             f"only {len(chosen)} identities pass select.threshold={cfg.threshold}")
     else:
         note = ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,18 @@ TRAIN_DESCRIPTION = textwrap.dedent("""\
     The data path is train.data.path (--data).
 
     RUN receives: checkpoint.pt (written at the end of every epoch and on Ctrl-C/SIGTERM), train_log.jsonl
-    (one JSON line every train.log_every steps and at each epoch end: epoch, step, loss, acc, lr, images/s,
-    ETA), train_config.json and, when training ends, model.pt (the backbone's state dict in insightface's
-    key names; evaluate it with `digi2real eval RUN`, export it with `digi2real export RUN --onnx`).
+    (JSON lines with an "event": "start" once per call with the process count and per-process batch; "train"
+    every train.log_every steps and at each epoch end: epoch, step, loss, acc, lr, images/s, ETA; "verify"
+    with --verify; "ddp_sync" under torchrun), train_config.json and, when training ends, model.pt (the
+    backbone's state dict in insightface's key names; evaluate it with `digi2real eval RUN`, export it with
+    `digi2real export RUN --onnx`).
+
+    Verification while training: --verify lfw.bin (repeatable; insightface .bin files, each named by its file
+    stem) scores the backbone on the main process at each epoch end, or every --verify-every N steps, with the
+    eval command's protocol (flip-summed embeddings, 10 folds); it logs <set>_acc, <set>_std,
+    <set>_best_threshold (mean of the folds' thresholds) and the best accuracy so far, which the checkpoint and
+    the final summary keep. A missing or damaged file stops the command before training starts. It does not
+    change the training itself: a run resumes exactly with or without it.
 
     Resuming: run the same command again; it continues from checkpoint.pt exactly (same data order,
     augmentation and random state). A different config is refused unless --overwrite (which restarts the
@@ -44,8 +54,14 @@ TRAIN_EPILOG = textwrap.dedent("""\
     several GPUs (one process per GPU; the global batch is split across them):
       torchrun --standalone --nproc_per_node 4 -m digi2real train configs/digi2real-20k.yaml -o runs/d2r20k
 
-    log line (train_log.jsonl):
-      {"epoch": 0, "step": 50, "loss": 41.2, "acc": 0.0, "lr": 0.0999, "images_per_s": 1210.4, "eta_s": 8740}""")
+    log lines (train_log.jsonl):
+      {"event": "train", "epoch": 0, "step": 50, "loss": 41.2, "acc": 0.0, "lr": 0.0999, "images_per_s": 1210.4, ...}
+      {"event": "verify", "epoch": 0, "step": 2000, "lfw_acc": 0.981, "lfw_std": 0.006, "lfw_best_threshold": 1.42,
+       "lfw_best_acc": 0.981, "lfw_best_step": 2000, "seconds": 12.3, ...}
+
+    verification while training:
+      digi2real train configs/digi2real-20k.yaml -o runs/d2r20k --verify bins/lfw.bin --verify bins/cfp_fp.bin \
+          --verify-every 2000""")
 
 EXPORT_DESCRIPTION = textwrap.dedent("""\
     Export a trained backbone (RUN/model.pt) to ONNX: input `input` N x 3 x 112 x 112 float32 RGB, output
@@ -79,6 +95,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in RUN even if its checkpoint was made with different settings")
     p.add_argument("--max-steps", type=int, metavar="N", help="stop after N steps in total (a trial run; resumable)")
+    p.add_argument("--verify", action="append", type=Path, metavar="BIN",
+                   help="insightface verification .bin scored during training, named by its stem (repeatable; "
+                   "train.verify_sets)")
+    p.add_argument("--verify-every", type=int, metavar="N",
+                   help="steps between verifications (train.verify_every; default: at each epoch end)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=run_train)
 
@@ -103,8 +124,11 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out[".".join(keys)] = value
     flags = {"data.path": getattr(args, "data", None), "epochs": args.epochs, "batch_size": args.batch_size,
              "lr": args.lr, "backbone": args.backbone, "head": args.head, "precision": args.precision,
-             "device": args.device, "data.workers": getattr(args, "workers", None)}
+             "device": args.device, "data.workers": getattr(args, "workers", None),
+             "verify_every": getattr(args, "verify_every", None)}
     out.update({k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items() if v is not None})
+    if getattr(args, "verify", None):
+        out["verify_sets"] = [str(v) for v in args.verify]
     return out
 
 
@@ -122,7 +146,8 @@ def run_train(args: argparse.Namespace) -> int:
     dataset = open_training_set(cfg.data, cfg.seed)
     summary = train(cfg, dataset, args.run, progress=not args.quiet, resume=not args.no_resume,
                     max_steps=args.max_steps, overwrite=args.overwrite)
-    print(json.dumps(summary.to_dict(), indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the main process alone reports
+        print(json.dumps(summary.to_dict(), indent=2))
     return 0
 
 

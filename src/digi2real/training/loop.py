@@ -7,8 +7,21 @@ epoch and when stopped by Ctrl-C / SIGTERM / ``max_steps``), ``train_log.jsonl``
 ``model.pt`` (the backbone's state dict in insightface's key names, loadable by
 :func:`digi2real.evaluation.models.load_face_model`) and ``train_config.json`` (the resolved config).
 
+``train_log.jsonl`` lines carry an ``event``: ``start`` (world size, per-process batch, backend, device), ``train``
+(windowed loss / accuracy / lr / throughput), ``verify`` (``<set>_acc``, ``<set>_std``, ``<set>_best_threshold``,
+``<set>_best_acc`` per verification set) and, under DDP, ``ddp_sync`` (whether the parameters are still identical on
+every process when the call ends).
+
+Verification during training (``train.verify_sets``): insightface ``.bin`` files are read and decoded when training
+starts (a missing or damaged file fails at once), then scored every ``train.verify_every`` steps (or at each epoch end)
+with the evaluation code: flip-summed embeddings (:class:`digi2real.evaluation.models.FaceModel`) and the 10-fold
+protocol (:func:`digi2real.evaluation.verification.evaluate_verification`). It runs on the main process with the
+backbone in eval mode and the RNG states saved and restored, so it never changes the training trajectory.
+
 Multi-GPU: launched by ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK set) it joins a process group (nccl on CUDA, gloo
-on CPU) and splits the global batch across the processes; only rank 0 writes files.
+on CPU) and splits the global batch across the processes; only rank 0 writes files. BatchNorm statistics are per
+process (as in insightface's DDP training), so an N-process run is close to, not bit-identical with, a one-process run
+of the same global batch.
 """
 
 from __future__ import annotations
@@ -43,7 +56,8 @@ MODEL = "model.pt"
 LOG = "train_log.jsonl"
 CONFIG = "train_config.json"
 # Settings that may change between a run and its resume without changing what is computed.
-_RESUME_FREE = ("log_every", "device")
+_RESUME_FREE = ("log_every", "device", "verify_sets", "verify_every")
+VERIFY_FOLDS = 10  # insightface's protocol
 _RESUME_FREE_DATA = ("workers",)
 
 
@@ -61,11 +75,16 @@ class TrainSummary:
     images_per_second: float
     last_loss: float | None
     losses: list[float] = field(default_factory=list)
+    world: int = 1
+    verify_best: dict[str, dict[str, Any]] = field(default_factory=dict)
+    verifications: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary; the per-step ``losses`` and the ``verifications`` of this call are left out."""
         d = asdict(self)
         d["out_dir"] = str(self.out_dir)
         d.pop("losses")
+        d.pop("verifications")
         return d
 
 
@@ -155,6 +174,80 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
     return out
 
 
+# ------------------------------------------------------------------------------------------------ verification
+@dataclass
+class VerifySet:
+    """One verification benchmark: ``images`` (2N x 112 x 112 x 3 uint8, pair i = rows 2i, 2i+1; ``None`` where it
+    was only checked, not decoded) and ``issame`` (N booleans)."""
+
+    name: str
+    path: Path
+    images: np.ndarray | None
+    issame: np.ndarray
+
+
+def load_verify_sets(paths: list[Path] | tuple[Path, ...], decode: bool = True) -> list[VerifySet]:
+    """Read (and with ``decode``, decode) the ``.bin`` files of ``train.verify_sets``, each named by its stem.
+
+    Raises a one-line :class:`Digi2RealError` naming the file for a missing, unreadable or damaged file, an image that
+    does not decode, fewer pairs than the 10 folds need, or two files with the same stem.
+    """
+    from digi2real.evaluation.bins import decode_pairs, read_bin
+
+    sets: list[VerifySet] = []
+    seen: dict[str, Path] = {}
+    for raw in paths:
+        path = Path(raw).expanduser()
+        name = path.stem
+        if name in seen:
+            raise ConfigError(f"train.verify_sets: {seen[name]} and {path} are both named {name!r} (sets are named by "
+                              "their file stem); rename one")
+        seen[name] = path
+        try:
+            images, issame = read_bin(path)
+            if len(issame) < VERIFY_FOLDS:
+                raise Digi2RealError(f"{path}: {len(issame)} pairs; the {VERIFY_FOLDS}-fold protocol needs at least "
+                                     f"{VERIFY_FOLDS}")
+            decoded = decode_pairs(images, 112, name=str(path)) if decode else None
+        except Digi2RealError as exc:
+            raise Digi2RealError(f"train.verify_sets: {exc}") from None
+        sets.append(VerifySet(name, path, decoded, np.asarray(issame, dtype=bool)))
+    return sets
+
+
+def verify_backbone(backbone: nn.Module, sets: list[VerifySet], device: torch.device, embedding_dim: int,
+                    batch_size: int, channels_last: bool = True,
+                    amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Score ``backbone`` on each set: flip-summed embeddings and insightface's 10-fold protocol.
+
+    Returns ``{name: VerificationResult}``. The backbone is put in eval mode for the forward passes and given back in
+    the mode it had; no random number is drawn (the caller may still guard the RNG states).
+    """
+    from digi2real.evaluation.models import FaceModel
+    from digi2real.evaluation.verification import evaluate_verification
+
+    def forward(images: np.ndarray) -> np.ndarray:
+        x = normalize(torch.from_numpy(images).to(device))
+        x = x if channels_last else x.contiguous()
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                    enabled=amp_dtype is not None):
+            return backbone(x).float().cpu().numpy()
+
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        results = {}
+        for vs in sets:
+            if vs.images is None:
+                raise ValueError(f"verification set {vs.name} was not decoded")
+            model = FaceModel(vs.path, "iresnet", embedding_dim, batch_size, True, device.type,
+                              {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32"), forward)
+            results[vs.name] = evaluate_verification(model.embed(vs.images), vs.issame, folds=VERIFY_FOLDS)
+        return results
+    finally:
+        backbone.train(was_training)
+
+
 # ------------------------------------------------------------------------------------------------- distributed
 @dataclass
 class _Dist:
@@ -180,6 +273,56 @@ def _init_distributed(device_kind: str) -> _Dist:
         dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
         created = True
     return _Dist(rank, world, local, created)
+
+
+def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """True on every process when ``flag`` is true on any of them (a collective: every process must call it)."""
+    if world <= 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _params_in_sync(net: nn.Module, world: int, device: torch.device) -> tuple[bool, float]:
+    """Whether every process holds bit-identical parameters (per-tensor float64 sum and sum of squares compared by
+    all-reduce max/min), and the largest fingerprint difference. A collective under DDP."""
+    if world <= 1:
+        return True, 0.0
+    import torch.distributed as dist
+
+    fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                      for p in net.parameters()]).flatten().to(device)
+    hi, lo = fp.clone(), fp.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return bool(torch.equal(hi, lo)), float((hi - lo).abs().max())
+
+
+def _human(record: dict[str, Any], epochs: int, total_steps: int, set_names: list[str]) -> str:
+    """The stderr progress line of a log record."""
+    event = record.get("event", "train")
+    where = f"epoch {record['epoch'] + 1}/{epochs} step {record['step']}/{total_steps}"
+    if event == "start":
+        split = (f"{record['world']} processes ({record['backend']}) x {record['per_process_batch']} images"
+                 if record["world"] > 1 else "1 process")
+        resumed = f", resuming at step {record['step']}" if record["resumed_from_step"] else ""
+        sets = f"; verifying on {', '.join(record['verify_sets'])}" if record["verify_sets"] else ""
+        return (f"training on {record['device']}: {split}, global batch {record['batch_size']}, "
+                f"{record['num_images']} images of {record['num_classes']} classes{resumed}{sets}")
+    if event == "verify":
+        parts = [f"{name} {100 * record[f'{name}_acc']:.2f}% +- {100 * record[f'{name}_std']:.2f} "
+                 f"(thr {record[f'{name}_best_threshold']:.2f}, best {100 * record[f'{name}_best_acc']:.2f}% "
+                 f"at step {record[f'{name}_best_step']})" for name in set_names if f"{name}_acc" in record]
+        return f"{where} verify: {'; '.join(parts)} [{record['seconds']:.1f} s]"
+    if event == "ddp_sync":
+        state = "identical" if record["params_in_sync"] else f"DIFFERENT (by {record['max_fingerprint_diff']:.3g})"
+        return f"{where} parameters on the {record['world']} processes: {state}"
+    eta = record.get("eta_s", 0.0)
+    return (f"{where} loss {record['loss']:.4f} acc {record['acc']:.3f} lr {record['lr']:.5f} "
+            f"{record['images_per_s']:.1f} img/s ETA {eta / 60:.1f} min")
 
 
 # ---------------------------------------------------------------------------------------------------- RNG state
@@ -247,6 +390,23 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
         raise ConfigError(f"train.batch_size {cfg.batch_size} exceeds the {n} training images; lower --batch-size")
     total_steps = cfg.epochs * steps_per_epoch
     ckpt_path = out / CHECKPOINT
+
+    # Verification sets fail fast, before anything is built or written. Every process checks the files (only the main
+    # one decodes and keeps the images); a failure anywhere stops all of them, so none waits on a collective forever.
+    verify_sets: list[VerifySet] = []
+    load_error: Digi2RealError | None = None
+    try:
+        verify_sets = load_verify_sets(cfg.verify_sets, decode=dist_info.main)
+    except Digi2RealError as exc:
+        load_error = exc
+    if cfg.verify_sets and _any_rank(load_error is not None, dist_info.world, device) and load_error is None:
+        load_error = Digi2RealError("train.verify_sets: another process could not read a verification set")
+    if load_error is not None:
+        if dist_info.created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        raise load_error
     if dist_info.main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -266,6 +426,7 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
 
     step = 0
+    verify_best: dict[str, dict[str, Any]] = {}
     if ckpt_path.is_file() and resume:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         diff = _config_diff(ckpt["config_compare"], _config_for_compare(cfg))
@@ -284,6 +445,7 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
                 scaler.load_state_dict(ckpt["scaler"])
             step = int(ckpt["step"])
             _set_rng_state(ckpt["rng"])
+            verify_best = dict(ckpt.get("verify_best") or {})
     resumed_from = step
 
     model: nn.Module = net
@@ -305,10 +467,8 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
         if progress:
-            eta = record.get("eta_s", 0.0)
-            print(f"epoch {record['epoch'] + 1}/{cfg.epochs} step {record['step']}/{total_steps} "
-                  f"loss {record['loss']:.4f} acc {record['acc']:.3f} lr {record['lr']:.5f} "
-                  f"{record['images_per_s']:.1f} img/s ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+            print(_human(record, cfg.epochs, total_steps, [vs.name for vs in verify_sets]), file=sys.stderr,
+                  flush=True)
 
     def save_checkpoint() -> None:
         if not dist_info.main:
@@ -318,19 +478,66 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
             "scaler": scaler.state_dict() if use_scaler else None, "step": step, "epoch": step // steps_per_epoch,
             "position": step % steps_per_epoch, "steps_per_epoch": steps_per_epoch, "rng": _rng_state(),
             "config": cfg.model_dump(mode="json"), "config_compare": _config_for_compare(cfg),
-            "num_classes": num_classes, "num_images": n,
+            "num_classes": num_classes, "num_images": n, "verify_best": verify_best,
         }
         with atomic_open(ckpt_path, "wb") as fh:
             torch.save(state, fh)
+
+    world = dist_info.world
+    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
+    verifications: list[dict[str, Any]] = []
+
+    def run_verification(epoch: int) -> float:
+        """Score the verification sets on the main process (the others wait); returns the seconds it took."""
+        t0 = time.time()
+        failed: BaseException | None = None
+        if dist_info.main:
+            rng = _rng_state()  # the forward passes draw nothing, but the training streams must stay untouched
+            try:
+                results = verify_backbone(net.backbone, verify_sets, device, cfg.embedding_dim,
+                                          max(cfg.batch_size // world, 1), cfg.channels_last, amp_dtype)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other processes are told
+                failed = exc
+            finally:
+                _set_rng_state(rng)
+            if failed is None:
+                record: dict[str, Any] = {"event": "verify", "epoch": epoch, "step": step}
+                for name, res in results.items():
+                    thr = float(np.mean(res.best_thresholds))
+                    best = verify_best.get(name)
+                    if best is None or res.accuracy > best["acc"]:
+                        best = verify_best[name] = {"acc": res.accuracy, "std": res.std, "best_threshold": thr,
+                                                    "step": step, "epoch": epoch}
+                    record.update({f"{name}_acc": res.accuracy, f"{name}_std": res.std,
+                                   f"{name}_best_threshold": thr, f"{name}_best_acc": best["acc"],
+                                   f"{name}_best_step": best["step"]})
+                record.update({"seconds": time.time() - t0, "time": time.time()})
+                verifications.append(record)
+                emit(record)
+        # Doubles as the barrier the other processes wait at; an error on the main process stops every process.
+        if _any_rank(failed is not None, world, device):
+            if failed is not None:
+                raise failed
+            raise Digi2RealError(f"verification failed on the main process at step {step}; see its error")
+        return time.time() - t0
 
     losses: list[float] = []
     last_finite: float | None = None
     images_seen = 0
     t_loop = time.time()
-    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
     interrupted = False
-    win_loss, win_acc, win_n, win_t = 0.0, 0.0, 0, time.time()
-    world = dist_info.world
+    stopped = False  # a stop request (signal), agreed on by every process under DDP
+    win_loss, win_acc, win_n, win_t, win_pause = 0.0, 0.0, 0, time.time(), 0.0
+    backend = None
+    if world > 1:
+        import torch.distributed as dist
+
+        backend = str(dist.get_backend())
+    emit({"event": "start", "epoch": step // steps_per_epoch, "step": step, "world": world,
+          "per_process_batch": cfg.batch_size // world, "batch_size": cfg.batch_size, "backend": backend,
+          "device": str(device), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+          "stop_at": stop_at, "num_images": n, "num_classes": num_classes, "resumed_from_step": resumed_from,
+          "verify_sets": [vs.name for vs in verify_sets], "time": time.time()})
     try:
         with _stop_requests() as stop:
             net.train()
@@ -352,9 +559,12 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
                     if world > 1:
                         import torch.distributed as dist
 
+                        # The stop flag travels with the statistics, so every process stops at the same step.
+                        flag = torch.tensor([float(stop["signal"] is not None)], device=stats.device)
+                        stats = torch.cat([stats, flag])
                         dist.all_reduce(stats)
                         stats /= world
-                    loss_v, acc_v = (float(v) for v in stats.tolist())
+                    loss_v, acc_v = (float(v) for v in stats[:2].tolist())
                     if not math.isfinite(loss_v):
                         # Nothing is written: checkpoint.pt keeps the last end-of-epoch (or interrupt) state.
                         raise Digi2RealError(
@@ -379,21 +589,30 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
                     epoch_end = step % steps_per_epoch == 0
                     if step % cfg.log_every == 0 or epoch_end or step == stop_at:
                         now = time.time()
-                        rate = win_n * cfg.batch_size / max(now - win_t, 1e-9)
-                        emit({"epoch": epoch, "step": step, "loss": win_loss / win_n, "acc": win_acc / win_n,
-                              "lr": optimizer.param_groups[0]["lr"], "images_per_s": rate,
+                        rate = win_n * cfg.batch_size / max(now - win_t - win_pause, 1e-9)
+                        emit({"event": "train", "epoch": epoch, "step": step, "loss": win_loss / win_n,
+                              "acc": win_acc / win_n, "lr": optimizer.param_groups[0]["lr"], "images_per_s": rate,
                               "eta_s": (total_steps - step) * cfg.batch_size / max(rate, 1e-9),
                               "epoch_end": epoch_end, "time": now})
-                        win_loss, win_acc, win_n, win_t = 0.0, 0.0, 0, now
+                        win_loss, win_acc, win_n, win_t, win_pause = 0.0, 0.0, 0, now, 0.0
+                    if verify_sets and (step == total_steps or (
+                            step % cfg.verify_every == 0 if cfg.verify_every is not None else epoch_end)):
+                        win_pause += run_verification(epoch)  # before the checkpoint, so it holds the best so far
                     if epoch_end:
                         save_checkpoint()
-                    if stop["signal"] is not None or step >= stop_at:
-                        interrupted = stop["signal"] is not None or step < total_steps
+                    stopped = bool(stats[2] > 0) if world > 1 else stop["signal"] is not None
+                    if stopped or step >= stop_at:
+                        interrupted = stopped or step < total_steps
                         break
             if step < total_steps and step % steps_per_epoch:
                 save_checkpoint()  # stopped mid-epoch (signal or max_steps): resume from exactly here
-            if stop["signal"] is not None:
-                raise KeyboardInterrupt(f"stopped by signal {stop['signal']} after step {step}; "
+            if world > 1:
+                in_sync, diff = _params_in_sync(net, world, device)
+                emit({"event": "ddp_sync", "epoch": step // steps_per_epoch, "step": step, "world": world,
+                      "params_in_sync": in_sync, "max_fingerprint_diff": diff, "time": time.time()})
+            if stopped:
+                how = f"signal {stop['signal']}" if stop["signal"] is not None else "a signal to another process"
+                raise KeyboardInterrupt(f"stopped by {how} after step {step}; "
                                         f"{ckpt_path} saved, run the same command again to resume")
         finished = step >= total_steps
         if finished and dist_info.main:
@@ -411,4 +630,4 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
     return TrainSummary(out_dir=out, steps_done=step, total_steps=total_steps, epoch=step // steps_per_epoch,
                         finished=finished, resumed_from_step=resumed_from, seconds=seconds,
                         images_per_second=images_seen / max(time.time() - t_loop, 1e-9), last_loss=last_finite,
-                        losses=losses)
+                        losses=losses, world=world, verify_best=verify_best, verifications=verifications)

@@ -1,0 +1,415 @@
+"""`digi2real run`: every stage of the method in order, from identities to the benchmark table (DESIGN "stages").
+
+Each stage has a *fingerprint*: a hash of the settings it reads and of the fingerprints of the stages it consumes.
+``pipeline.json`` records, per stage, the fingerprint its outputs were made with and whether it completed. A stage is
+skipped when its recorded fingerprint matches and it completed; resumed (its own resume logic continues the work) when
+it matches but did not complete; and re-run from scratch when the fingerprint changed, its old outputs moved aside to
+``stale/`` first so that old and new results are never mixed. A changed setting thus re-runs its stage and, through
+the fingerprints, every stage after it, and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from digi2real.config import ExperimentConfig
+from digi2real.errors import Digi2RealError
+from digi2real.fileio import sha256_json, write_json, write_text
+from digi2real.layout import RunLayout
+
+STAGES = ("embed", "select", "plan", "shift", "generate", "pack", "train", "eval", "report")
+
+
+# ------------------------------------------------------------------------------------------------------ settings
+
+
+def resolved_config(cfg: ExperimentConfig, layout: RunLayout) -> ExperimentConfig:
+    """The config with the run's own paths filled in: the miniature models (demo), the training data (the packed set,
+    or the generated folder) and, in miniature runs, the procedural verification set and real photos."""
+    cfg = cfg.model_copy(deep=True)
+    if cfg.miniature:
+        repo = layout.models / "Arc2Face"
+        cfg.encoder.model = str(repo / "arcface.onnx")
+        cfg.arc2face.repo = str(repo)
+        cfg.arc2face.base = str(layout.models / "sd15")
+        cfg.eval.pairs = {"procedural": layout.benchmarks / "procedural" / "pairs.txt", **cfg.eval.pairs}
+        if cfg.shift.real is None:
+            cfg.shift.real = layout.models / "real"
+    cfg.train.data.path = layout.packed if cfg.pack.enabled else layout.dataset
+    return cfg
+
+
+def _dump(section: Any) -> Any:
+    return section.model_dump(mode="json")
+
+
+def stage_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What each stage reads from the config (and nothing else, so an unrelated change does not re-run it)."""
+    return {
+        "embed": {"source": _dump(cfg.source), "encoder": _dump(cfg.encoder), "embed": _dump(cfg.embed)},
+        "select": {"select": _dump(cfg.select)},
+        "plan": {"plan": _dump(cfg.plan)},
+        "shift": {"shift": _dump(cfg.shift), "arc2face": _dump(cfg.arc2face), "align": _dump(cfg.align)},
+        "generate": {"generate": _dump(cfg.generate), "align": _dump(cfg.align), "arc2face": _dump(cfg.arc2face)},
+        "pack": {"pack": _dump(cfg.pack)},
+        "train": {"train": _dump(cfg.train)},
+        "eval": {"eval": _dump(cfg.eval)},
+        "report": {"report": _dump(cfg.report), "name": cfg.name},
+    }
+
+
+UPSTREAM = {
+    "embed": (), "select": ("embed",), "plan": ("select",), "shift": ("embed",), "generate": ("plan", "shift"),
+    "pack": ("generate",), "train": ("pack",), "eval": ("train",),
+    "report": ("embed", "select", "plan", "shift", "generate", "pack", "train", "eval"),
+}
+
+
+def _run_relative(obj: Any, root: str) -> Any:
+    """Paths inside the run directory written relative to it, so a moved or copied run keeps its fingerprints."""
+    if isinstance(obj, dict):
+        return {k: _run_relative(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_run_relative(v, root) for v in obj]
+    if isinstance(obj, str) and (obj == root or obj.startswith(root + "/")):
+        return "<run>" + obj[len(root):]
+    return obj
+
+
+def fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
+    """Each stage's fingerprint: its settings plus its inputs' fingerprints (so changes flow downstream)."""
+    settings = _run_relative(stage_settings(cfg), str(Path(cfg.output_dir)))
+    out: dict[str, str] = {}
+    for stage in STAGES:
+        out[stage] = sha256_json({"settings": settings[stage], "inputs": [out[u] for u in UPSTREAM[stage]],
+                                  "miniature": cfg.miniature})[:16]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ state
+
+
+@dataclass
+class RunState:
+    path: Path
+    stages: dict[str, dict]
+
+    @classmethod
+    def load(cls, path: Path) -> "RunState":
+        if not path.is_file():
+            return cls(path, {})
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            raise Digi2RealError(f"{path}: corrupt run state; delete it to redo every stage") from None
+        return cls(path, dict(data.get("stages", {})))
+
+    def save(self) -> None:
+        write_json(self.path, {"stages": self.stages})
+
+    def status(self, stage: str, fingerprint: str) -> str:
+        """skip (done with these settings), resume (started with them), rerun (other settings) or run (never ran)."""
+        rec = self.stages.get(stage)
+        if rec is None:
+            return "run"
+        if rec.get("fingerprint") != fingerprint:
+            return "rerun"
+        return "skip" if rec.get("complete") else "resume"
+
+
+def stage_outputs(layout: RunLayout, stage: str) -> list[Path]:
+    from digi2real.generation.shift import features_path
+    from digi2real.identity.select import meta_path_for
+
+    return {
+        "embed": [layout.embeddings], "select": [layout.ids, meta_path_for(layout.ids)], "plan": [layout.plan],
+        "shift": [layout.shift, features_path(layout.shift)], "generate": [layout.dataset], "pack": [layout.packed],
+        "train": [layout.train], "eval": [layout.eval], "report": [layout.report],
+    }[stage]
+
+
+def move_aside(layout: RunLayout, stage: str, old_fingerprint: str | None) -> Path | None:
+    """Move a stage's outputs made with other settings to ``stale/<stage>-<fingerprint>/`` (never deleted here)."""
+    present = [p for p in stage_outputs(layout, stage) if p.exists()]
+    if not present:
+        return None
+    dest = layout.root / "stale" / f"{stage}-{(old_fingerprint or 'unknown')[:8]}-{time.strftime('%Y%m%d%H%M%S')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in present:
+        shutil.move(str(p), str(dest / p.name))
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+
+
+@dataclass
+class Context:
+    cfg: ExperimentConfig
+    layout: RunLayout
+    progress: bool
+    say: Callable[[str], None]
+
+
+def _encoder(ctx: Context):
+    from digi2real.faces.arcface import ArcFaceEncoder
+
+    return ArcFaceEncoder.load(ctx.cfg.encoder)
+
+
+def _generator(ctx: Context):
+    from digi2real.generation.arc2face import Arc2Face
+
+    a = ctx.cfg.arc2face
+    return Arc2Face.from_pretrained(a.repo, a.base, a.device, a.dtype)
+
+
+def run_embed(ctx: Context) -> bool:
+    from digi2real.identity.embed import embed_source
+    from digi2real.sources import open_source
+
+    s = embed_source(open_source(ctx.cfg.source), _encoder(ctx), ctx.layout.embeddings, ctx.cfg.embed,
+                     progress=ctx.progress)
+    ctx.say(f"embedded {s.embedded} images of {s.identities} identities -> {ctx.layout.embeddings}")
+    return True
+
+
+def run_select(ctx: Context) -> bool:
+    from digi2real.identity.select import select_identities, write_selection
+    from digi2real.identity.store import read_store
+
+    selection = select_identities(read_store(ctx.layout.embeddings), ctx.cfg.select)
+    write_selection(ctx.layout.ids, selection)
+    ctx.say(f"selected {len(selection.identities)} identities -> {ctx.layout.ids}")
+    return True
+
+
+def run_plan(ctx: Context) -> bool:
+    from digi2real.fileio import sha256_file
+    from digi2real.identity.plan import make_plan, write_plan
+    from digi2real.identity.select import read_selection
+    from digi2real.identity.store import read_store
+
+    ids = read_selection(ctx.layout.ids)
+    plan = make_plan(read_store(ctx.layout.embeddings), ids, ctx.cfg.plan,
+                     inputs={"ids_file": str(ctx.layout.ids), "ids_sha256": sha256_file(ctx.layout.ids)})
+    write_plan(ctx.layout.plan, plan)
+    ctx.say(f"planned {len(plan)} images -> {ctx.layout.plan}")
+    return True
+
+
+def run_shift(ctx: Context) -> bool:
+    from digi2real.generation.shift import format_gap, make_shift
+
+    if ctx.cfg.shift.real is None:
+        ctx.say("no shift.real configured: generating without the realism shift")
+        return True
+    synthetic = ctx.cfg.shift.synthetic or ctx.layout.embeddings
+    shift = make_shift(ctx.cfg.shift.real, synthetic, ctx.layout.shift, _generator(ctx), _encoder(ctx),
+                       ctx.cfg.shift, ctx.cfg.align, progress=ctx.progress)
+    ctx.say(f"realism shift from {shift.meta.get('n_real')} real and {shift.meta.get('n_synthetic')} synthetic faces "
+            f"-> {ctx.layout.shift}")
+    for line in format_gap(shift.meta):
+        ctx.say(f"  {line}")
+    return True
+
+
+def _generation_job(ctx: Context, dry_run: bool = False):
+    from digi2real.faces.mtcnn import MTCNN
+    from digi2real.generation.runner import FaceChecker, prepare_job
+    from digi2real.generation.shift import read_shift
+
+    model, encoder = _generator(ctx), _encoder(ctx)
+    shift_path = ctx.layout.shift if ctx.layout.shift.is_file() else None
+    shift = read_shift(shift_path, hidden=model.hidden_size) if shift_path else None
+    gate = ctx.cfg.generate.gate
+    checker = None if dry_run else FaceChecker(MTCNN.from_package(ctx.cfg.align.detector), encoder, ctx.cfg.align,
+                                               gate.min_similarity, gate.against)
+    job, _ = prepare_job(ctx.layout.plan, ctx.layout.dataset, model=model, checker=checker, cfg=ctx.cfg.generate,
+                         align=ctx.cfg.align, shift=shift, shift_path=shift_path, embeddings=ctx.layout.embeddings,
+                         encoder_hash=encoder.file_hash())
+    return job, shift_path
+
+
+def run_generate(ctx: Context) -> bool:
+    from digi2real.generation.runner import final_keys, generate_dataset, read_rows
+    from digi2real.sharding import shard_from_env
+
+    job, shift_path = _generation_job(ctx)
+    shard = shard_from_env()
+    summary = generate_dataset(job, ctx.layout.dataset, shard=shard, progress=ctx.progress, shift_path=shift_path,
+                               embeddings=ctx.layout.embeddings,
+                               extra={"encoder": ctx.cfg.encoder.model_dump(mode="json"),
+                                      "arc2face_config": ctx.cfg.arc2face.model_dump(mode="json")})
+    for line in summary.lines():
+        ctx.say(line)
+    done = len(final_keys(read_rows(ctx.layout.dataset)))
+    if done < len(job.plan):
+        ctx.say(f"generate: {done} of {len(job.plan)} images finished (other shards still running?); the stages "
+                "after it wait until every shard is done")
+        return False
+    return True
+
+
+def run_pack(ctx: Context) -> bool:
+    if not ctx.cfg.pack.enabled:
+        ctx.say("pack disabled: training reads the generated image folder")
+        return True
+    from digi2real.dataset.pack import pack
+
+    result = pack(ctx.layout.dataset, ctx.layout.packed, quality=ctx.cfg.pack.quality, progress=ctx.progress,
+                  keep_png=ctx.cfg.pack.keep_png, overwrite=True)
+    ctx.say(f"packed {result.get('images')} images of {result.get('classes')} identities -> {ctx.layout.packed}")
+    return True
+
+
+def run_train(ctx: Context) -> bool:
+    from digi2real.dataset.imagefolder import open_training_set
+    from digi2real.training.loop import train
+
+    dataset = open_training_set(ctx.cfg.train.data, ctx.cfg.train.seed)
+    summary = train(ctx.cfg.train, dataset, ctx.layout.train, progress=ctx.progress)
+    ctx.say(f"trained {ctx.cfg.train.backbone} + {ctx.cfg.train.head} on {len(dataset)} images of "
+            f"{dataset.num_classes} identities -> {ctx.layout.train}")
+    return bool(summary.finished)
+
+
+def run_eval_stage(ctx: Context) -> bool:
+    from digi2real.evaluation.run import run_eval
+    from digi2real.evaluation.tables import markdown_tables
+
+    results = run_eval(ctx.layout.train, ctx.cfg.eval.data_root, ctx.layout.eval, ctx.cfg.eval,
+                       progress=ctx.progress, pairs=dict(ctx.cfg.eval.pairs))
+    ctx.say(markdown_tables([results]))
+    return True
+
+
+def run_report(ctx: Context) -> bool:
+    from digi2real.report import build_report
+
+    path = build_report(ctx.layout.root, ctx.layout.report)
+    ctx.say(f"report: {path}")
+    return True
+
+
+RUNNERS: dict[str, Callable[[Context], bool]] = {
+    "embed": run_embed, "select": run_select, "plan": run_plan, "shift": run_shift, "generate": run_generate,
+    "pack": run_pack, "train": run_train, "eval": run_eval_stage, "report": run_report,
+}
+
+
+# ------------------------------------------------------------------------------------------------------ miniature
+
+
+def prepare_miniature(layout: RunLayout, cfg: ExperimentConfig, say: Callable[[str], None]) -> None:
+    """The demo's stand-ins, made once: miniature models, two real photos aligned (the shift's real side) and a
+    procedural verification set of identities never used for training (image files + pairs file)."""
+    from digi2real.miniature import build_mini_arc2face, write_procedural_pairs
+
+    if not (layout.models / "sd15" / "scheduler" / "scheduler_config.json").is_file():
+        build_mini_arc2face(layout.models, seed=0, size=cfg.generate.size)
+        say(f"miniature Arc2Face, SD1.5 parts and ArcFace (random weights) -> {layout.models}")
+    real = layout.models / "real"
+    if not real.is_dir():
+        from digi2real.demo import align_sample_photos
+
+        align_sample_photos(real)
+    pairs = layout.benchmarks / "procedural" / "pairs.txt"
+    if not pairs.is_file():
+        write_procedural_pairs(pairs.parent, identities=40, images=4, seed=cfg.source.seed + 1000)
+        say(f"procedural verification set (unseen identities) -> {pairs}")
+
+
+# ------------------------------------------------------------------------------------------------------ run
+
+
+def select_stages(start: str | None, until: str | None) -> list[str]:
+    for name, value in (("--from", start), ("--until", until)):
+        if value is not None and value not in STAGES:
+            raise Digi2RealError(f"{name} {value!r}: not a stage; stages are {', '.join(STAGES)}")
+    i = STAGES.index(start) if start else 0
+    j = STAGES.index(until) + 1 if until else len(STAGES)
+    if i >= j:
+        raise Digi2RealError(f"--from {start} comes after --until {until}; nothing to run")
+    return list(STAGES[i:j])
+
+
+def write_resolved_config(layout: RunLayout, cfg: ExperimentConfig) -> None:
+    write_text(layout.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def dry_run(cfg: ExperimentConfig, layout: RunLayout, stages: list[str], say: Callable[[str], None]) -> None:
+    state = RunState.load(layout.state)
+    fps = fingerprints(cfg)
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        status = state.status(stage, fps[stage])
+        say(f"{stage:9s} {dict(skip='skip (done, same settings)', resume='resume', rerun='re-run (settings or inputs changed)', run='run')[status]}")
+        if stage == "generate" and status != "skip" and layout.plan.is_file():
+            ctx = Context(cfg, layout, False, say)
+            job, _ = _generation_job(ctx, dry_run=True)
+            from digi2real.generation.runner import generate_dataset
+
+            for line in generate_dataset(job, layout.dataset, dry_run=True, fresh=status == "rerun"):
+                say(f"          {line}")
+        if stage == "train" and status != "skip":
+            t = cfg.train
+            say(f"          {t.epochs} epochs of {t.backbone} + {t.head}, global batch {t.batch_size}")
+
+
+def run_pipeline(cfg: ExperimentConfig, *, start: str | None = None, until: str | None = None,
+                 dry: bool = False, progress: bool = True, say: Callable[[str], None] = print) -> dict[str, str]:
+    """Run (or skip, resume, re-run) the stages; returns what happened to each."""
+    layout = RunLayout(Path(cfg.output_dir))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    stages = select_stages(start, until)
+    if cfg.miniature and not dry:
+        prepare_miniature(layout, cfg, say)
+    cfg = resolved_config(cfg, layout)
+    if dry:
+        dry_run(cfg, layout, stages, say)
+        return {}
+    write_resolved_config(layout, cfg)
+    state = RunState.load(layout.state)
+    fps = fingerprints(cfg)
+    outcome: dict[str, str] = {}
+    ctx = Context(cfg, layout, progress, say)
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        for up in UPSTREAM[stage]:
+            if state.status(up, fps[up]) != "skip":
+                raise Digi2RealError(f"stage {stage} needs {up}, which is not complete with these settings; run "
+                                     f"without --from, or with --from {up}")
+        status = state.status(stage, fps[stage])
+        if status == "skip" and all(p.exists() for p in stage_outputs(layout, stage)[:1]):
+            outcome[stage] = "skipped"
+            say(f"[{stage}] up to date, skipped")
+            continue
+        if status in ("rerun", "run"):
+            moved = move_aside(layout, stage, state.stages.get(stage, {}).get("fingerprint"))
+            if moved:
+                say(f"[{stage}] outputs made with other settings moved to {moved}")
+        say(f"[{stage}] {'resuming' if status == 'resume' else 'running'}")
+        state.stages[stage] = {"fingerprint": fps[stage], "complete": False,
+                               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        state.save()
+        start_t = time.perf_counter()
+        complete = RUNNERS[stage](ctx)
+        state.stages[stage].update(complete=complete, seconds=round(time.perf_counter() - start_t, 2),
+                                   finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        state.save()
+        outcome[stage] = "ran" if complete else "incomplete"
+        if not complete:
+            say(f"[{stage}] not complete yet; run the same command again to continue")
+            break
+    return outcome

@@ -1,0 +1,149 @@
+"""`digi2real run` on the built-in miniature: end to end, re-runs that do no work, a changed setting that re-runs
+only its stage and those after it, and a kill mid-generation that resumes to the same dataset (issue 7)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from digi2real.config import load_experiment
+from digi2real.errors import ConfigError, Digi2RealError
+from digi2real.layout import RunLayout
+from digi2real.pipeline import STAGES, fingerprints, run_pipeline, select_stages
+
+from conftest import kill_when_rows
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+SMALL = """\
+extends: {demo}
+name: pipeline-test
+output_dir: {out}
+source: {{identities: 14}}
+select: {{n: 6}}
+plan: {{images_per_identity: 4, images_per_latent: 2}}
+generate: {{batch_size: 8}}
+train: {{epochs: 1, batch_size: 12, log_every: 2}}
+report: {{identities: 3, samples: 4, pairs: 200}}
+"""
+
+
+def _config(tmp: Path, name: str) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(SMALL.format(demo=DEMO, out=tmp / name))
+    return path
+
+
+def _images(run: Path) -> dict[str, bytes]:
+    root = run / "dataset" / "images"
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("pipeline")
+    cfg_path = _config(tmp, "run1")
+    outcome = run_pipeline(load_experiment(cfg_path), progress=False, say=lambda s: None)
+    return cfg_path, outcome
+
+
+def test_end_to_end(first_run):
+    cfg_path, outcome = first_run
+    assert outcome == {stage: "ran" for stage in STAGES}
+    layout = RunLayout(load_experiment(cfg_path).output_dir)
+    assert len(_images(layout.root)) == 24
+    assert (layout.dataset / "card.md").is_file() and (layout.packed / "train.rec").is_file()
+    assert (layout.train / "model.pt").is_file()
+    results = json.loads((layout.eval / "results.json").read_text())
+    assert "procedural" in json.dumps(results)
+    assert layout.report.is_file() and layout.report.stat().st_size > 10_000
+    state = json.loads(layout.state.read_text())["stages"]
+    assert all(state[s]["complete"] for s in STAGES)
+    assert layout.shift.is_file()  # the demo's real side: two real photos aligned by MTCNN
+
+
+def test_rerun_does_no_work(first_run):
+    cfg_path, _ = first_run
+    run = load_experiment(cfg_path).output_dir
+    before = {p: p.stat().st_mtime_ns for p in (run / "dataset" / "images").rglob("*.png")}
+    said: list[str] = []
+    outcome = run_pipeline(load_experiment(cfg_path), progress=False, say=said.append)
+    assert outcome == {stage: "skipped" for stage in STAGES}
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_changed_generation_setting_reruns_generation_and_after_only(first_run, tmp_path):
+    cfg_path, _ = first_run
+    src = load_experiment(cfg_path).output_dir
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    cfg = load_experiment(cfg_path, {"output_dir": str(dst), "generate.steps": 3})
+    outcome = run_pipeline(cfg, progress=False, say=lambda s: None)
+    assert outcome == {"embed": "skipped", "select": "skipped", "plan": "skipped", "shift": "skipped",
+                       "generate": "ran", "pack": "ran", "train": "ran", "eval": "ran", "report": "ran"}
+    stale = list((dst / "stale").iterdir())
+    assert sorted(p.name.split("-")[0] for p in stale) == ["eval", "generate", "pack", "report", "train"]
+    new_rows = [json.loads(line) for f in (dst / "dataset" / "manifest").glob("*.jsonl") for line in f.open()]
+    assert len(new_rows) == 24
+    assert _images(dst) != _images(src)  # 3 steps instead of 4: other pixels, none of the old files mixed in
+    assert json.loads((dst / "dataset" / "generation.json").read_text())["settings"]["generate"]["steps"] == 3
+
+
+def test_fingerprints_flow_downstream():
+    base = load_experiment(DEMO)
+    a = fingerprints(base)
+    b = fingerprints(load_experiment(DEMO, {"plan.alpha": 1.0}))
+    assert [s for s in STAGES if a[s] != b[s]] == ["plan", "generate", "pack", "train", "eval", "report"]
+    c = fingerprints(load_experiment(DEMO, {"train.epochs": 2}))
+    assert [s for s in STAGES if a[s] != c[s]] == ["train", "eval", "report"]
+
+
+def test_stage_selection_and_bad_names():
+    assert select_stages("generate", "train") == ["generate", "pack", "train"]
+    with pytest.raises(Digi2RealError, match="not a stage"):
+        select_stages("generation", None)
+    with pytest.raises(Digi2RealError, match="comes after"):
+        select_stages("eval", "plan")
+
+
+def test_from_a_stage_whose_inputs_are_missing(tmp_path):
+    cfg = load_experiment(_config(tmp_path, "fresh"))
+    with pytest.raises(Digi2RealError, match="needs"):
+        run_pipeline(cfg, start="generate", progress=False, say=lambda s: None)
+
+
+def test_ablation_overlays_load():
+    configs = sorted((DEMO.parent / "ablations").glob("*.yaml"))
+    assert len(configs) >= 10
+    for path in configs:
+        cfg = load_experiment(path)
+        assert cfg.name == path.stem and cfg.generate.steps == 25
+    assert load_experiment(DEMO.parent / "ablations" / "t2-alpha-1.yaml").plan.alpha == 1.0
+
+
+def test_extends_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_experiment(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_experiment(tmp_path / "c.yaml")
+
+
+def test_killed_run_resumes_to_the_same_dataset(first_run, tmp_path):
+    cfg_path, _ = first_run
+    reference = _images(load_experiment(cfg_path).output_dir)
+    cfg = _config(tmp_path, "killed")
+    cmd = [sys.executable, "-m", "digi2real.cli", "run", str(cfg), "-q"]
+    manifest = tmp_path / "killed" / "dataset" / "manifest" / "shard-00000-of-00001.jsonl"
+    kill_when_rows(cmd, manifest, 8)
+    assert manifest.read_text().count("\n") < 24
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[embed] up to date, skipped" in done.stdout and "[generate] resuming" in done.stdout
+    assert _images(tmp_path / "killed") == reference
