@@ -51,7 +51,7 @@ figcaption { color: var(--muted); font-size: 12px; margin-top: 4px; }
 .strip h4 { width: 100%; margin: 0; font-size: 12px; color: var(--muted); font-weight: 600; }
 .tile { margin: 0; text-align: center; font-size: 11px; color: var(--muted); }
 .tile img { display: block; width: 96px; height: 96px; image-rendering: auto; border: 1px solid var(--line); }
-.side { flex: none; }
+.side { flex: 1 1 0; min-width: 0; }
 .side + .side { border-left: 3px solid var(--line); padding-left: 12px; }
 .ok { color: #1d7a3a; font-weight: 600; }
 .bad { color: #a4262c; font-weight: 600; }
