@@ -363,7 +363,16 @@ def dry_run(cfg: ExperimentConfig, layout: RunLayout, stages: list[str], say: Ca
                 say(f"          {line}")
         if stage == "train" and status != "skip":
             t = cfg.train
-            say(f"          {t.epochs} epochs of {t.backbone} + {t.head}, global batch {t.batch_size}")
+            work = f"{t.epochs} epochs of {t.backbone} + {t.head}, global batch {t.batch_size}"
+            if layout.plan.is_file():
+                import math
+
+                import pyarrow.parquet as pq
+
+                images = pq.read_metadata(layout.plan).num_rows
+                steps = t.epochs * math.ceil(images / t.batch_size)
+                work += f": about {steps:,} steps over the {images:,} planned images (fewer if some are rejected)"
+            say(f"          {work}")
 
 
 def run_pipeline(cfg: ExperimentConfig, *, start: str | None = None, until: str | None = None,
