@@ -4,6 +4,7 @@ only its stage and those after it, and a kill mid-generation that resumes to the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -147,3 +148,31 @@ def test_killed_run_resumes_to_the_same_dataset(first_run, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "[embed] up to date, skipped" in done.stdout and "[generate] resuming" in done.stdout
     assert _images(tmp_path / "killed") == reference
+
+
+def test_torchrun_two_processes_make_the_same_dataset(first_run, tmp_path):
+    """`torchrun -m digi2real.cli run` with 2 processes: rank 0 runs the single-process stages, both generate their
+    shard (the same images as one process) and train together with DDP (gloo on CPU)."""
+    cfg_path, _ = first_run
+    reference = _images(load_experiment(cfg_path).output_dir)
+    cfg = _config(tmp_path, "ddp")
+    import torch
+
+    # CPU kernels round differently with another thread count (torchrun's default is 1 per process): same as here.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "digi2real.cli", "run", str(cfg), "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-2500:]
+    run = tmp_path / "ddp"
+    assert sorted(p.name for p in (run / "dataset" / "manifest").iterdir()) == [
+        "shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl"]
+    assert _images(run) == reference
+    start = json.loads((run / "train" / "train_log.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["world"] == 2
+    assert (run / "report.html").is_file()
+    state = json.loads((run / "pipeline.json").read_text())["stages"]
+    assert all(state[s]["complete"] for s in STAGES)
+    # Launched again, every rank follows rank 0's decision: nothing to do.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and again.stdout.count("up to date, skipped") == len(STAGES), again.stderr[-1500:]

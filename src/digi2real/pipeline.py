@@ -11,6 +11,7 @@ the fingerprints, every stage after it, and nothing else.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -26,6 +27,10 @@ from digi2real.fileio import sha256_json, write_json, write_text
 from digi2real.layout import RunLayout
 
 STAGES = ("embed", "select", "plan", "shift", "generate", "pack", "train", "eval", "report")
+#: Stages every process takes part in when `run` is launched by torchrun/Slurm: generation (each process its shard)
+#: and training (DDP). The others run on rank 0 while the rest wait for them in pipeline.json.
+COLLECTIVE = ("generate", "train")
+POLL_SECONDS = 1.0
 
 
 # ------------------------------------------------------------------------------------------------------ settings
@@ -157,6 +162,12 @@ class Context:
     layout: RunLayout
     progress: bool
     say: Callable[[str], None]
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
 def _encoder(ctx: Context):
@@ -252,6 +263,11 @@ def run_generate(ctx: Context) -> bool:
     for line in summary.lines():
         ctx.say(line)
     done = len(final_keys(read_rows(ctx.layout.dataset)))
+    if ctx.world > 1 and ctx.main and done < len(job.plan):
+        ctx.say(f"[generate] waiting for the other {ctx.world - 1} processes' shards")
+        while done < len(job.plan):  # the other ranks write their own manifests; rank 0 records completion
+            time.sleep(POLL_SECONDS)
+            done = len(final_keys(read_rows(ctx.layout.dataset)))
     if done < len(job.plan):
         ctx.say(f"generate: {done} of {len(job.plan)} images finished (other shards still running?); the stages "
                 "after it wait until every shard is done")
@@ -314,6 +330,9 @@ def prepare_miniature(layout: RunLayout, cfg: ExperimentConfig, say: Callable[[s
     procedural verification set of identities never used for training (image files + pairs file)."""
     from digi2real.miniature import build_mini_arc2face, write_procedural_pairs
 
+    ready = layout.models / ".ready"
+    if ready.is_file():
+        return
     if not (layout.models / "sd15" / "scheduler" / "scheduler_config.json").is_file():
         build_mini_arc2face(layout.models, seed=0, size=cfg.generate.size)
         say(f"miniature Arc2Face, SD1.5 parts and ArcFace (random weights) -> {layout.models}")
@@ -326,6 +345,7 @@ def prepare_miniature(layout: RunLayout, cfg: ExperimentConfig, say: Callable[[s
     if not pairs.is_file():
         write_procedural_pairs(pairs.parent, identities=40, images=4, seed=cfg.source.seed + 1000)
         say(f"procedural verification set (unseen identities) -> {pairs}")
+    write_text(ready, "miniature models, real photos and verification set are complete\n")
 
 
 # ------------------------------------------------------------------------------------------------------ run
@@ -375,33 +395,65 @@ def dry_run(cfg: ExperimentConfig, layout: RunLayout, stages: list[str], say: Ca
             say(f"          {work}")
 
 
+def process_rank() -> tuple[int, int, str]:
+    """(rank, world size, session) of this process under torchrun or Slurm; (0, 1, "") when launched alone. The
+    session names this launch, so the other ranks never act on what rank 0 recorded in an earlier one."""
+    from digi2real.sharding import shard_from_env
+
+    shard = shard_from_env()
+    env = os.environ
+    session = env.get("TORCHELASTIC_RUN_ID") or (
+        f"slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}" if "SLURM_JOB_ID" in env else
+        f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}")
+    return shard.index, shard.count, f"{session}#{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
 def run_pipeline(cfg: ExperimentConfig, *, start: str | None = None, until: str | None = None,
                  dry: bool = False, progress: bool = True, say: Callable[[str], None] = print) -> dict[str, str]:
-    """Run (or skip, resume, re-run) the stages; returns what happened to each."""
+    """Run (or skip, resume, re-run) the stages; returns what happened to each.
+
+    Launched by torchrun (or srun) with N processes, rank 0 runs the single-process stages and records them in
+    pipeline.json while the other ranks wait; every rank generates its shard of the images and joins DDP training.
+    """
     layout = RunLayout(Path(cfg.output_dir))
     layout.root.mkdir(parents=True, exist_ok=True)
     stages = select_stages(start, until)
+    rank, world, session = process_rank()
+    main = rank == 0
     if cfg.miniature and not dry:
-        prepare_miniature(layout, cfg, say)
+        if main:
+            prepare_miniature(layout, cfg, say)
+        else:
+            while not (layout.models / ".ready").is_file():
+                time.sleep(POLL_SECONDS)
     cfg = resolved_config(cfg, layout)
     if dry:
         dry_run(cfg, layout, stages, say)
         return {}
+    fps = fingerprints(cfg)
+    ctx = Context(cfg, layout, progress and main, say if main else (lambda text: None), rank, world)
+    if not main:
+        return _follow_all(ctx, stages, fps, session, say)
     write_resolved_config(layout, cfg)
     state = RunState.load(layout.state)
-    fps = fingerprints(cfg)
     outcome: dict[str, str] = {}
-    ctx = Context(cfg, layout, progress, say)
+
+    def record(stage: str, **fields: Any) -> None:
+        state.stages.setdefault(stage, {}).update(session=session, **fields)
+        state.save()
+
     for stage in STAGES:
         if stage not in stages:
             continue
         for up in UPSTREAM[stage]:
             if state.status(up, fps[up]) != "skip":
+                record(stage, action="failed", finished_session=session)
                 raise Digi2RealError(f"stage {stage} needs {up}, which is not complete with these settings; run "
                                      f"without --from, or with --from {up}")
         status = state.status(stage, fps[stage])
         if status == "skip" and all(p.exists() for p in stage_outputs(layout, stage)[:1]):
             outcome[stage] = "skipped"
+            record(stage, action="skipped", finished_session=session)
             say(f"[{stage}] up to date, skipped")
             continue
         if status in ("rerun", "run"):
@@ -411,14 +463,59 @@ def run_pipeline(cfg: ExperimentConfig, *, start: str | None = None, until: str 
         say(f"[{stage}] {'resuming' if status == 'resume' else 'running'}")
         state.stages[stage] = {"fingerprint": fps[stage], "complete": False,
                                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        state.save()
+        record(stage, action="running")
         start_t = time.perf_counter()
-        complete = RUNNERS[stage](ctx)
+        try:
+            complete = RUNNERS[stage](ctx)
+        except BaseException:
+            record(stage, action="failed", finished_session=session)
+            raise
         state.stages[stage].update(complete=complete, seconds=round(time.perf_counter() - start_t, 2),
                                    finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        state.save()
+        record(stage, action="ran", finished_session=session)
         outcome[stage] = "ran" if complete else "incomplete"
         if not complete:
             say(f"[{stage}] not complete yet; run the same command again to continue")
+            break
+    return outcome
+
+
+def _wait_for(layout: RunLayout, what: Callable[[RunState], bool], message: str, say: Callable[[str], None]) -> RunState:
+    """Block (polling pipeline.json) until rank 0 has recorded what this process needs."""
+    said = False
+    while True:
+        state = RunState.load(layout.state)
+        if what(state):
+            return state
+        if not said:
+            say(message)
+            said = True
+        time.sleep(POLL_SECONDS)
+
+
+def _follow_all(ctx: Context, stages: list[str], fps: dict[str, str], session: str,
+                say: Callable[[str], None]) -> dict[str, str]:
+    """A rank > 0: follow rank 0 through pipeline.json, stage by stage; take part in generation (this rank's shard)
+    and training (DDP); wait for the others."""
+    def this_launch(stage: str) -> Callable[[RunState], bool]:
+        return lambda st: st.stages.get(stage, {}).get("session") == session
+
+    def finished(stage: str) -> Callable[[RunState], bool]:
+        return lambda st: st.stages.get(stage, {}).get("finished_session") == session
+
+    outcome: dict[str, str] = {}
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        state = _wait_for(ctx.layout, this_launch(stage), f"[rank {ctx.rank}] waiting for rank 0: {stage}", say)
+        rec = state.stages[stage]
+        if stage in COLLECTIVE and rec.get("action") == "running" and rec.get("fingerprint") == fps[stage]:
+            RUNNERS[stage](ctx)
+        state = _wait_for(ctx.layout, finished(stage), f"[rank {ctx.rank}] waiting for rank 0 to finish {stage}", say)
+        rec = state.stages[stage]
+        if rec.get("action") == "failed":
+            raise Digi2RealError(f"rank 0 failed in stage {stage}; see its output")
+        outcome[stage] = rec["action"] if rec.get("complete") or rec["action"] == "skipped" else "incomplete"
+        if outcome[stage] == "incomplete":
             break
     return outcome
