@@ -312,3 +312,31 @@ def test_regenerate_in_process_matches_the_file(reference, plan_file, mini_gener
         assert event.final and event.attempt == 0
     with pytest.raises(Digi2RealError, match="not a key"):
         regenerate(job, "nobody/0")
+
+
+def test_out_of_memory_halves_the_batch(mini_generator, monkeypatch):
+    """A batch that runs out of memory is split in halves until it fits; each image keeps its own seed."""
+    from digi2real.generation.runner import render
+
+    cfg = GenerateConfig(steps=2, size=64, batch_size=4)
+    emb = np.random.default_rng(0).normal(size=(4, 512)).astype(np.float32)
+    seeds = [1, 2, 3, 4]
+    whole, _, batches = render(mini_generator, emb, seeds, cfg, None)
+    assert batches == [4]
+    real_denoise = mini_generator.denoise
+
+    def small_memory(cond, noise, steps, guidance):
+        if len(noise) > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_denoise(cond, noise, steps, guidance)
+
+    monkeypatch.setattr(mini_generator, "denoise", small_memory)
+    split, finite, batches = render(mini_generator, emb, seeds, cfg, None)
+    assert batches == [1, 1, 1, 1] and finite.all()
+    singles = np.concatenate([mini_generator.generate(emb[i : i + 1], [s], steps=2, size=64)
+                              for i, s in enumerate(seeds)])
+    assert np.array_equal(split, singles)
+    assert np.abs(split.astype(int) - whole).max() <= 2  # the same images up to batched rounding
+    monkeypatch.setattr(mini_generator, "denoise", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not retried
+        render(mini_generator, emb, seeds, cfg, None)
