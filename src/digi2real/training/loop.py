@@ -619,12 +619,22 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
             state = {k: v.detach().cpu().contiguous().clone() for k, v in net.backbone.state_dict().items()}
             with atomic_open(out / MODEL, "wb") as fh:
                 torch.save(state, fh)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # no process leaves (and may exit) while another still talks to it
     finally:
         if log_file is not None:
             log_file.close()
         if dist_info.created:
+            import gc
+
             import torch.distributed as dist
 
+            # The DDP wrapper's reducer holds the process group: free it first, or the group's destructor can
+            # wait forever on a peer that has already exited.
+            model = net
+            gc.collect()
             dist.destroy_process_group()
     seconds = time.time() - t_start
     return TrainSummary(out_dir=out, steps_done=step, total_steps=total_steps, epoch=step // steps_per_epoch,
