@@ -156,3 +156,11 @@ def test_loading_by_hub_id_from_the_cache_offline(mini_arc2face, tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in out.stderr and "HF_HUB_OFFLINE" in out.stderr
+
+
+def test_library_entry_point():
+    import digi2real.generation as generation
+
+    assert generation.Arc2Face is Arc2Face and generation.apply_shift is apply_shift
+    with pytest.raises(AttributeError):
+        generation.nothing_here

@@ -217,3 +217,22 @@ def test_cli_train_without_data_is_a_clear_error(tmp_path: Path) -> None:
     args = _parser().parse_args(["train", "-o", str(tmp_path / "r")])
     with pytest.raises(ConfigError, match="--data"):
         args.func(args)
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path: Path, small_set: ArraySet) -> None:
+    """A checkpoint.pt holding a pickle that runs code on load is refused with one line, never executed."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / "checkpoint.pt", "wb") as fh:
+        pickle.dump({"step": Exploit()}, fh)
+    with pytest.raises(Digi2RealError, match="not a readable digi2real checkpoint"):
+        train(tiny_cfg(epochs=1), small_set, out, progress=False)
+    assert not marker.exists()

@@ -319,6 +319,19 @@ class ExperimentConfig(Section):
     report: ReportConfig = Field(default_factory=ReportConfig)
 
 
+def settings_diff(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every setting that differs between two nested dicts: how a stage
+    explains why it refuses to resume work made with other settings."""
+    out: list[tuple[str, Any, Any]] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
 def _allowed(model: type[BaseModel]) -> str:
     return ", ".join(model.model_fields)
 

@@ -125,7 +125,26 @@ def read_manifest(manifest_dir: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------------ folder
 
 
-class ImageFolderDataset:
+class _Labelled:
+    """``len``, ``labels`` (the int64 class of every image, known without decoding) and ``identities`` (the name of
+    every label) of a set that keeps them in ``_labels`` and ``_identities``."""
+
+    _labels: np.ndarray
+    _identities: list[str]
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    @property
+    def identities(self) -> list[str]:
+        return self._identities
+
+
+class ImageFolderDataset(_Labelled):
     """Aligned face images in one folder per identity (or a generated dataset with a manifest; see the module doc).
 
     Labels are ``0..C-1`` in natural identity order (``id2`` before ``id10``), images within an identity in natural
@@ -181,19 +200,6 @@ class ImageFolderDataset:
             identity: sorted(by_identity[identity], key=natural_key)
             for identity in sorted(by_identity, key=natural_key)
         }
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    @property
-    def labels(self) -> np.ndarray:
-        """The class of every image (int64), known without decoding anything."""
-        return self._labels
-
-    @property
-    def identities(self) -> list[str]:
-        """Identity (folder) name of every label: ``identities[label]``."""
-        return self._identities
 
     def relpath(self, i: int) -> str:
         """``<identity>/<file>`` of image ``i``."""
@@ -272,7 +278,7 @@ class RecordFolderDataset(InsightFaceRecordDataset):
 # ------------------------------------------------------------------------------------------------------ mixing
 
 
-class MixedDataset:
+class MixedDataset(_Labelled):
     """A synthetic set plus K identities of a real set (paper Table 8), with labels remapped contiguously.
 
     Synthetic labels are unchanged (``0..S-1``); the chosen real identities follow as ``S..S+K-1`` in their original
@@ -312,19 +318,6 @@ class MixedDataset:
         real_names = real.identities
         self._identities = list(synthetic.identities) + [f"real/{real_names[int(c)]}" for c in chosen]
         self.num_classes = offset + k
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    @property
-    def labels(self) -> np.ndarray:
-        """Remapped class of every image: synthetic images first, then the chosen real ones."""
-        return self._labels
-
-    @property
-    def identities(self) -> list[str]:
-        """Synthetic identity names, then ``real/<name>`` of each chosen real identity."""
-        return self._identities
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         n = len(self._labels)

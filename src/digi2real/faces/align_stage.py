@@ -177,23 +177,12 @@ def _check_settings(dst: Path, settings: dict, src: Path) -> None:
         except ValueError:
             old = None
         if isinstance(old, dict) and old.get("settings") is not None and old["settings"] != settings:
-            changed = _diff(old["settings"], settings)
+            from digi2real.config import settings_diff
+
+            changed = "; ".join(f"{k} was {a!r}, now {b!r}" for k, a, b in settings_diff(old["settings"], settings))
             raise ConfigError(f"{dst}: this folder was aligned with other settings ({changed}); resuming would mix "
                               "two kinds of crops: use a new output folder, or delete this one to start over")
     write_json(path, {"settings": settings, "src": str(src.resolve()), "report": REPORT_NAME})
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> str:
-    parts = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            inner = _diff(a, b, f"{prefix}{key}.")
-            if inner:
-                parts.append(inner)
-        elif a != b:
-            parts.append(f"{prefix}{key} was {a!r}, now {b!r}")
-    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------------------------

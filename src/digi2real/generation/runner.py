@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import digi2real
-from digi2real.config import AlignConfig, GenerateConfig
+from digi2real.config import AlignConfig, GenerateConfig, settings_diff
 from digi2real.errors import ConfigError, Digi2RealError
 from digi2real.fileio import sha256_file, write_json
 from digi2real.identity.plan import Plan, plan_latents, read_plan
@@ -278,17 +278,6 @@ def run_settings(plan: Plan, plan_path: Path, store: EmbeddingStore, cfg: Genera
     }
 
 
-def _settings_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _settings_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key} was {a!r}, now {b!r}")
-    return out
-
-
 def check_or_write_settings(out_dir: Path, record: dict) -> None:
     """Start a dataset, or refuse to resume one made with other settings (it would mix two kinds of images)."""
     path = out_dir / SETTINGS_FILE
@@ -298,7 +287,7 @@ def check_or_write_settings(out_dir: Path, record: dict) -> None:
         except ValueError:
             raise Digi2RealError(f"{path}: corrupt; it records how this dataset was made, restore it or start a new "
                                  "output folder") from None
-        diff = _settings_diff(old.get("settings", {}), record["settings"])
+        diff = [f"{k} was {a!r}, now {b!r}" for k, a, b in settings_diff(old.get("settings", {}), record["settings"])]
         if diff:
             raise ConfigError(f"{out_dir}: this dataset was generated with other settings ({'; '.join(diff[:3])}); "
                               "use a new output folder, or the same settings to resume")

@@ -34,19 +34,20 @@ class MarginHead(nn.Module, ABC):
     keep their plain cosine. Everything is multiplied by ``s``.
     """
 
-    def __init__(self, embedding_dim: int, num_classes: int, s: float, eps: float = 1e-3) -> None:
+    def __init__(self, embedding_dim: int, num_classes: int, s: float, m: float, eps: float = 1e-3) -> None:
         super().__init__()
         if embedding_dim < 1 or num_classes < 1:
             raise ValueError(f"embedding_dim and num_classes must be positive, got {embedding_dim}, {num_classes}")
         self.embedding_dim = embedding_dim
         self.num_classes = num_classes
         self.s = float(s)
+        self.m = float(m)
         self.eps = float(eps)
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
         nn.init.normal_(self.weight, 0.0, 0.01)
 
     def extra_repr(self) -> str:
-        return f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, s={self.s}"
+        return f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, s={self.s}, m={self.m}"
 
     @abstractmethod
     def target_logit(self, cos_target: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
@@ -96,15 +97,14 @@ class AdaFaceHead(MarginHead):
 
     def __init__(self, embedding_dim: int, num_classes: int, m: float = 0.4, h: float = 0.333, s: float = 64.0,
                  t_alpha: float = 0.01, eps: float = 1e-3) -> None:
-        super().__init__(embedding_dim, num_classes, s, eps)
-        self.m = float(m)
+        super().__init__(embedding_dim, num_classes, s, m, eps)
         self.h = float(h)
         self.t_alpha = float(t_alpha)
         self.register_buffer("batch_mean", torch.tensor(20.0))
         self.register_buffer("batch_std", torch.tensor(100.0))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, m={self.m}, h={self.h}, t_alpha={self.t_alpha}"
+        return f"{super().extra_repr()}, h={self.h}, t_alpha={self.t_alpha}"
 
     def target_logit(self, cos_target: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         n = norms.clamp(0.001, 100.0)
@@ -132,11 +132,7 @@ class ArcFaceHead(MarginHead):
 
     def __init__(self, embedding_dim: int, num_classes: int, s: float = 64.0, m: float = 0.5,
                  eps: float = 1e-3) -> None:
-        super().__init__(embedding_dim, num_classes, s, eps)
-        self.m = float(m)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, m={self.m}"
+        super().__init__(embedding_dim, num_classes, s, m, eps)
 
     def target_logit(self, cos_target: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         theta = torch.acos(cos_target)
@@ -150,11 +146,7 @@ class CosFaceHead(MarginHead):
 
     def __init__(self, embedding_dim: int, num_classes: int, s: float = 64.0, m: float = 0.4,
                  eps: float = 1e-3) -> None:
-        super().__init__(embedding_dim, num_classes, s, eps)
-        self.m = float(m)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, m={self.m}"
+        super().__init__(embedding_dim, num_classes, s, m, eps)
 
     def target_logit(self, cos_target: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         return cos_target - self.m

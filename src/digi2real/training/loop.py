@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from digi2real.config import TrainConfig
+from digi2real.config import TrainConfig, settings_diff
 from digi2real.errors import ConfigError, Digi2RealError
 from digi2real.fileio import atomic_open, write_json
 from digi2real.training.data import TrainingSet, make_loader, normalize
@@ -161,17 +161,6 @@ def _config_for_compare(cfg: TrainConfig) -> dict[str, Any]:
     for k in _RESUME_FREE_DATA:
         d.get("data", {}).pop(k, None)
     return d
-
-
-def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"train.{prefix}{k}: checkpoint {va!r}, now {vb!r}")
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ verification
@@ -327,7 +316,11 @@ def _human(record: dict[str, Any], epochs: int, total_steps: int, set_names: lis
 
 # ---------------------------------------------------------------------------------------------------- RNG state
 def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+    # Only tensors and plain Python values, so the checkpoint loads with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {"python": random.getstate(),
+                             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                                       float(gauss)],
                              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -335,8 +328,9 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         with contextlib.suppress(Exception):  # a different GPU count on resume: keep the fresh CUDA generators
@@ -427,9 +421,18 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
 
     step = 0
     verify_best: dict[str, dict[str, Any]] = {}
+    ckpt: dict[str, Any] | None = None
     if ckpt_path.is_file() and resume:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        diff = _config_diff(ckpt["config_compare"], _config_for_compare(cfg))
+        try:  # weights_only: a pickle that would run code is refused, not executed
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            if not overwrite:
+                first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+                raise Digi2RealError(f"{ckpt_path}: not a readable digi2real checkpoint ({first}); delete it (or "
+                                     "pass --overwrite) to start this run afresh") from None
+    if ckpt is not None:
+        diff = [f"train.{k}: checkpoint {a!r}, now {b!r}"
+                for k, a, b in settings_diff(ckpt["config_compare"], _config_for_compare(cfg))]
         if ckpt.get("num_classes") != num_classes or ckpt.get("num_images") != n:
             diff.append(f"dataset: checkpoint {ckpt.get('num_images')} images / {ckpt.get('num_classes')} classes, "
                         f"now {n} / {num_classes}")
