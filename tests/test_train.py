@@ -232,7 +232,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path: Path, small_set: Ar
     out = tmp_path / "run"
     out.mkdir()
     with open(out / "checkpoint.pt", "wb") as fh:
-        pickle.dump({"step": Exploit()}, fh)
+        pickle.dump({"step": Exploit()}, fh, protocol=2)
     with pytest.raises(Digi2RealError, match="not a readable digi2real checkpoint"):
         train(tiny_cfg(epochs=1), small_set, out, progress=False)
     assert not marker.exists()

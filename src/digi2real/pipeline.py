@@ -266,7 +266,7 @@ def run_generate(ctx: Context) -> bool:
     if ctx.world > 1 and ctx.main and done < len(job.plan):
         ctx.say(f"[generate] waiting for the other {ctx.world - 1} processes' shards")
         while done < len(job.plan):  # the other ranks write their own manifests; rank 0 records completion
-            time.sleep(POLL_SECONDS)
+            time.sleep(10 * POLL_SECONDS)  # reading every manifest is not free at 400K rows
             done = len(final_keys(read_rows(ctx.layout.dataset)))
     if done < len(job.plan):
         ctx.say(f"generate: {done} of {len(job.plan)} images finished (other shards still running?); the stages "

@@ -235,8 +235,13 @@ class GenerationJob:
     settings: dict
     units: list[np.ndarray]
 
+    _columns: dict[str, list] = field(default_factory=dict, repr=False)
+
     def column(self, name: str) -> list:
-        return self.plan.table.column(name).to_pylist()
+        """A plan column as a Python list, converted once (the runner reads rows by index for every image)."""
+        if name not in self._columns:
+            self._columns[name] = self.plan.table.column(name).to_pylist()
+        return self._columns[name]
 
     def unit_events(self, unit: np.ndarray) -> Iterator[Event]:
         """Render the unit, check every image, retry the rejected ones with their next seeds (together, in order).
@@ -351,21 +356,20 @@ class ManifestWriter:
 
 
 def manifest_row(job: GenerationJob, ev: Event, unit_index: int, shard: Shard) -> dict:
-    t = job.plan.table
     r = ev.row
-    ident = t.column("identity")[r].as_py()
-    k = t.column("image_index")[r].as_py()
+    ident = job.column("identity")[r]
+    k = job.column("image_index")[r]
     v = ev.verdict
     name = f"{ident}/{k}.{job.cfg.format}"
     return {
-        "key": t.column("key")[r].as_py(),
+        "key": job.column("key")[r],
         "identity": ident,
         "image_index": k,
-        "latent_index": t.column("latent_index")[r].as_py(),
-        "sample_row": t.column("sample_row")[r].as_py(),
-        "sample_path": t.column("sample_path")[r].as_py(),
-        "t": t.column("t")[r].as_py(),
-        "seed": t.column("seed")[r].as_py(),
+        "latent_index": job.column("latent_index")[r],
+        "sample_row": job.column("sample_row")[r],
+        "sample_path": job.column("sample_path")[r],
+        "t": job.column("t")[r],
+        "seed": job.column("seed")[r],
         "attempt": ev.attempt,
         "attempt_seed": ev.seed,
         "status": v.status,
