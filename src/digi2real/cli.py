@@ -34,7 +34,7 @@ stages (each reads the previous one's output; see README.md):
   compare   one table from several eval result folders
   report    one self-contained HTML page of a run             RUN/ -> RUN/report.html
   download  fetch DigiFace-1M zips (resumable)
-  demo      run the stages on the built-in procedural faces
+  demo      the identity stages on procedural faces (the whole method: make demo)
 """
 
 
@@ -311,10 +311,13 @@ def _cmd_download(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------------ demo
 def _demo_parser(sub) -> None:
     p = sub.add_parser(
-        "demo", formatter_class=_formatter, help="run the stages on built-in procedural faces",
+        "demo", formatter_class=_formatter,
+        help="the identity stages on procedural faces, in seconds (the whole method: digi2real run configs/demo.yaml)",
         description="Render procedural identities, build a miniature random ArcFace (ONNX), then embed, select and "
                     "plan exactly as on DigiFace, and align two real photos (scikit-image's astronaut, matplotlib's "
-                    "Grace Hopper) with the real MTCNN. Shows the machinery, not realistic faces. Seconds on a CPU.",
+                    "Grace Hopper) with the real MTCNN. Shows the machinery, not realistic faces. Seconds on a CPU. "
+                    "For every stage through generation, training, evaluation and the report, run "
+                    "`digi2real run configs/demo.yaml` (what `make demo` does).",
     )
     p.add_argument("-o", "--output", type=Path, default=Path("demo-out"), metavar="DIR", help="where to write")
     p.add_argument("--identities", type=int, default=60, help="procedural identities to render")
