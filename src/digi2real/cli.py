@@ -333,6 +333,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def one_line(text: str, limit: int = 600) -> str:
+    """An error message as the one line the CLI promises (newlines folded, very long values cut)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: reason; what to check`` for an error from the operating system."""
+    import errno
+
+    path = exc.filename if exc.filename is not None else "a file"
+    if exc.filename2 is not None:
+        path = f"{path} -> {exc.filename2}"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    fix = {
+        errno.EACCES: "check the permissions of the file and its folder, or choose another path",
+        errno.EPERM: "check the permissions of the file and its folder, or choose another path",
+        errno.EROFS: "the file system is read-only; choose an output folder you can write to",
+        errno.ENOSPC: "the disk is full; free space or choose another output folder (finished work is kept)",
+        errno.EDQUOT: "the disk quota is exceeded; free space or choose another output folder",
+        errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+        errno.EISDIR: "a folder is where a file is expected; choose another path",
+        errno.ENOENT: "check that the path exists",
+        errno.EEXIST: "something is already there; choose another path",
+        errno.ENAMETOOLONG: "use a shorter path",
+    }.get(exc.errno, "check the path, its permissions and free space")
+    return one_line(f"{path}: {reason}; {fix}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="digi2real", formatter_class=_formatter,
@@ -372,7 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Digi2RealError as exc:
-        print(f"digi2real: error: {exc}", file=sys.stderr)
+        print(f"digi2real: error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A read-only or full output folder, -o naming a file, an unreadable input: the system's reason and the path.
+        print(f"digi2real: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("digi2real: error: out of memory; lower the batch or block size settings, or use a smaller input",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("digi2real: interrupted; finished work is kept; run the same command again to resume", file=sys.stderr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,7 +22,12 @@ DEFAULT_ARCFACE = "FoivosPar/Arc2Face:arcface.onnx"
 class Section(BaseModel):
     """Base of every settings block: unknown keys are errors, values are validated on assignment too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinities are refused everywhere: a NaN weight or threshold silently turns every comparison false.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Rate = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
 class SourceConfig(Section):
@@ -109,7 +114,7 @@ class PlanConfig(Section):
 class DetectorConfig(Section):
     """MTCNN face detection (FACTS 5)."""
 
-    thresholds: tuple[float, float, float] = Field(
+    thresholds: tuple[Probability, Probability, Probability] = Field(
         (0.6, 0.7, 0.7), description="P-Net, R-Net, O-Net score thresholds (facenet-pytorch; AdaFace uses 0.6,0.7,0.9)."
     )
     factor: float = Field(0.709, gt=0.0, lt=1.0, description="Image pyramid scale step.")
@@ -222,8 +227,8 @@ class EvalConfig(Section):
     flip: bool = Field(True, description="Embedding = sum of the image's and its horizontal flip's embeddings.")
     folds: int = Field(10, ge=2, description="Folds of the verification protocol (insightface: 10).")
     ijb_faceness: bool = Field(True, description="IJB: weight each image's feature by its detector (faceness) score.")
-    ijb_far: list[float] = Field(
-        default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
+    ijb_far: list[Rate] = Field(
+        default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], min_length=1,
         description="IJB: false accept rates at which TAR is reported (the paper reports 1e-4).",
     )
     ijb_chunk_pairs: int = Field(2_000_000, gt=0, description="IJB: template pairs scored at once (memory bound).")
@@ -264,7 +269,11 @@ class TrainConfig(Section):
     grad_clip: float = Field(5.0, gt=0.0, description="Gradient-norm clip.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast: fp16 with grad scaling on "
                                                        "CUDA, bf16 on CPU or CUDA, fp32 off.")
-    channels_last: bool = Field(True, description="channels_last memory format for the convolutions.")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="channels_last memory format for the convolutions. auto: on CUDA only (2.9x faster "
+        "there); on the CPU training always runs NCHW, whatever this says (see BENCHMARKS.md: channels_last gained "
+        "at most 1.15x there, and torch's CPU backward of small-channel strided 1x1 convolutions corrupts memory in "
+        "that layout).")
     augment: Literal["flip", "flip+photometric", "flip+photometric+lowres"] = Field(
         "flip", description="Training augmentation: horizontal flip, plus colour jitter, plus random down-up scaling.")
     seed: int = Field(0, ge=0, description="Seed of initialisation, sampling order and augmentation.")
@@ -380,17 +389,43 @@ def validate_config(model: type[Section], data: Any, origin: str = "") -> Any:
         raise ConfigError(first + more) from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key written twice in one mapping (YAML keeps the last silently)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is written twice",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_yaml(path: str | os.PathLike[str]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass an existing YAML file (see configs/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {len(raw):,} bytes is not a config file (over 1 MiB); pass the experiment YAML")
+        data = yaml.load(raw.decode("utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); pass the experiment YAML (see configs/)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return data or {}
+    return data if data is not None else {}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -474,10 +509,10 @@ def load_experiment(path: str | os.PathLike[str] | None, overrides: dict[str, An
 
 def load_section(model: type[Section], path: str | os.PathLike[str] | None, section: str,
                  overrides: dict[str, Any] | None = None) -> Any:
-    """Load one stage's section from an experiment YAML (or defaults), then apply flag overrides to it."""
-    data = load_yaml(path) if path is not None else {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings")
-    block = data.get(section, {}) or {}
-    block = apply_overrides(block, overrides or {})
-    return validate_config(model, block, origin=f"{path}: {section}" if path else section)
+    """One stage's section of an experiment YAML loaded exactly as `run` loads it (``extends:`` resolved, every
+    section validated, so a misspelt section or key is an error, never silently the defaults), with flag overrides
+    (dotted keys relative to the section) applied."""
+    if model is not ExperimentConfig.model_fields[section].annotation:
+        raise ValueError(f"{model.__name__} is not the model of the {section!r} section")
+    cfg = load_experiment(path, {f"{section}.{k}": v for k, v in (overrides or {}).items()})
+    return getattr(cfg, section)

@@ -2,22 +2,66 @@
 
 Photos arrive as grayscale, palette, RGBA, 16-bit or CMYK files; every stage wants the same array, so the conversion
 lives here once. Anything that cannot become such an array raises :class:`BadImageError` naming the file.
+
+Every image file is hostile until checked: its declared size is checked against a pixel limit *before* it is decoded
+(a 15 KB PNG can declare 10000 x 10000 pixels and take gigabytes once decoded and detected), and files are read only
+up to a byte limit. Both limits can be raised by the user through the environment, as the error says.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from digi2real.errors import BadImageError
+
+# Our own limit (checked before decoding, raisable by the user) replaces Pillow's warning between 89 M and 179 M pixels.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 from digi2real.fileio import atomic_open
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MIN_SIDE = 8
+PIXELS_ENV = "DIGI2REAL_MAX_IMAGE_PIXELS"
+BYTES_ENV = "DIGI2REAL_MAX_IMAGE_BYTES"
+#: 40 megapixels: a 7300 x 5500 photo; MTCNN detection on it stays within a few GB.
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_BYTES = 256 << 20
+
+
+def _limit(env: str, default: int) -> int:
+    raw = os.environ.get(env)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise BadImageError(f"{env}={raw!r}: expected a whole number (e.g. {env}={default})") from None
+    if value <= 0:
+        raise BadImageError(f"{env}={raw!r}: must be positive (e.g. {env}={default})")
+    return value
+
+
+def max_image_pixels() -> int:
+    """Largest width x height decoded (``DIGI2REAL_MAX_IMAGE_PIXELS``, default 40 million)."""
+    return _limit(PIXELS_ENV, DEFAULT_MAX_PIXELS)
+
+
+def max_image_bytes() -> int:
+    """Largest image file read (``DIGI2REAL_MAX_IMAGE_BYTES``, default 256 MiB)."""
+    return _limit(BYTES_ENV, DEFAULT_MAX_BYTES)
+
+
+def check_declared_size(width: int, height: int, name: str) -> None:
+    """Refuse an image whose declared size exceeds the pixel limit, before any pixel is decoded."""
+    limit = max_image_pixels()
+    if width * height > limit:
+        raise BadImageError(f"{name}: the image declares {width} x {height} pixels, more than the limit of {limit:,}; "
+                            f"resize it, or raise the limit with {PIXELS_ENV}={width * height}")
 
 
 def _to_rgb_array(img: Image.Image, name: str) -> np.ndarray:
@@ -45,10 +89,18 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decode encoded image bytes (PNG, JPEG, ...) into an RGB uint8 array; ``name`` is used in errors."""
     if not data:
         raise BadImageError(f"{name}: the file is empty; delete it or replace it with a valid image")
+    if len(data) > max_image_bytes():
+        raise BadImageError(f"{name}: {len(data):,} bytes, more than the limit of {max_image_bytes():,} for one image; "
+                            f"shrink it, or raise the limit with {BYTES_ENV}={len(data)}")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            check_declared_size(img.size[0], img.size[1], name)
             img.load()
             arr = _to_rgb_array(img, name)
+    except Image.DecompressionBombError:
+        # PIL's own guard fires inside open(), before our check, for more than twice its 89 M pixel limit.
+        raise BadImageError(f"{name}: the image declares more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels, "
+                            "beyond what Pillow decodes; resize it") from None
     except UnidentifiedImageError:
         raise BadImageError(f"{name}: not a readable image (unknown or damaged format); delete or replace the file") from None
     except (OSError, ValueError, SyntaxError) as exc:
@@ -63,12 +115,14 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image file into an RGB uint8 array (H x W x 3)."""
     path = Path(path)
+    limit = max_image_bytes()
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
     except FileNotFoundError:
         raise BadImageError(f"{path}: file not found") from None
     except OSError as exc:
-        raise BadImageError(f"{path}: cannot be read ({exc.strerror})") from None
+        raise BadImageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     return decode_image(data, str(path))
 
 

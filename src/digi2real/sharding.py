@@ -24,14 +24,18 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
-def parse_shard(text: str) -> Shard:
-    """``"2/8"`` -> Shard(2, 8)."""
+MAX_SHARDS = 1_000_000
+
+
+def parse_shard(text: str, origin: str | None = None) -> Shard:
+    """``"2/8"`` -> Shard(2, 8). ``origin`` names where the text came from in errors (default: ``--shard``)."""
+    where = origin or f"--shard {text!r}"
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise Digi2RealError(f"--shard {text!r}: expected INDEX/COUNT with 0 <= INDEX < COUNT, e.g. --shard 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise Digi2RealError(f"--shard {text!r}: need 0 <= INDEX < COUNT and COUNT >= 1, e.g. --shard 0/4")
+        raise Digi2RealError(f"{where}: expected INDEX/COUNT with 0 <= INDEX < COUNT, e.g. --shard 0/4") from None
+    if n < 1 or not 0 <= i < n or n > MAX_SHARDS:
+        raise Digi2RealError(f"{where}: need 0 <= INDEX < COUNT and 1 <= COUNT <= {MAX_SHARDS:,}, e.g. --shard 0/4")
     return Shard(i, n)
 
 
@@ -42,5 +46,7 @@ def shard_from_env(explicit: str | None = None, environ: dict[str, str] | None =
     env = os.environ if environ is None else environ
     for rank_key, size_key in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
         if rank_key in env and size_key in env:
-            return parse_shard(f"{env[rank_key]}/{env[size_key]}")
+            origin = (f"environment {rank_key}={env[rank_key]!r} {size_key}={env[size_key]!r} (set by torchrun or "
+                      "Slurm, or by hand)")
+            return parse_shard(f"{env[rank_key].strip()}/{env[size_key].strip()}", origin)
     return Shard()
