@@ -170,7 +170,7 @@ def _emulate_two_ranks(cfg, dataset, steps: int) -> tuple[list[float], float]:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     net = loop._Net(loop.build_backbone_from(cfg), loop.build_head_from(cfg, dataset.num_classes))
-    if cfg.channels_last:
+    if loop.use_channels_last(cfg, torch.device("cpu")):
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(loop.param_groups(net, cfg.weight_decay, cfg.no_decay_on_bn_and_bias), lr=cfg.lr,
                           momentum=cfg.momentum)

@@ -154,6 +154,13 @@ def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether training runs in channels_last: on CUDA unless turned off (2.9x there), never on the CPU, where it gains
+    at most 1.15x and torch's oneDNN backward of 1x1 stride-2 convolutions with fewer than 16 input channels corrupts
+    the heap (SIGSEGV/SIGABRT on torch 2.11-2.13; BENCHMARKS.md "Training layout")."""
+    return device.type == "cuda" and cfg.channels_last is not False
+
+
 def _config_for_compare(cfg: TrainConfig) -> dict[str, Any]:
     d = cfg.model_dump(mode="json")
     for k in _RESUME_FREE:
@@ -411,7 +418,8 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
     backbone = build_backbone_from(cfg)
     head = build_head_from(cfg, num_classes)
     net = _Net(backbone, head).to(device)
-    if cfg.channels_last:
+    channels_last = use_channels_last(cfg, device)
+    if channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(param_groups(net, cfg.weight_decay, cfg.no_decay_on_bn_and_bias), lr=cfg.lr,
                                 momentum=cfg.momentum)
@@ -498,7 +506,7 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
             rng = _rng_state()  # the forward passes draw nothing, but the training streams must stay untouched
             try:
                 results = verify_backbone(net.backbone, verify_sets, device, cfg.embedding_dim,
-                                          max(cfg.batch_size // world, 1), cfg.channels_last, amp_dtype)
+                                          max(cfg.batch_size // world, 1), channels_last, amp_dtype)
             except Exception as exc:  # noqa: BLE001 - re-raised below, after the other processes are told
                 failed = exc
             finally:
@@ -553,7 +561,7 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
                     for g in optimizer.param_groups:
                         g["lr"] = lr_at(step, cfg, steps_per_epoch)
                     x = normalize(images.to(device, non_blocking=True))
-                    x = x if cfg.channels_last else x.contiguous()
+                    x = x if channels_last else x.contiguous()
                     y = labels.to(device, non_blocking=True)
                     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                         logits = model(x, y)
