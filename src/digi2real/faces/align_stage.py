@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from digi2real.errors import ConfigError, Digi2RealError
-from digi2real.fileio import write_json
+from digi2real.fileio import check_apart, clean_temporaries, read_json, write_json
 from digi2real.imageio import IMAGE_SUFFIXES, read_image, write_image
 from digi2real.sources.base import natural_key
 
@@ -170,18 +170,21 @@ def _settings(cfg: "AlignConfig") -> dict:
 
 
 def _check_settings(dst: Path, settings: dict, src: Path) -> None:
+    """Start an output folder, or resume one made with the same settings. A folder that already holds crops but whose
+    settings file is missing or damaged is refused: nothing could tell its crops from new ones of another size."""
     path = dst / SETTINGS_NAME
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = None
-        if isinstance(old, dict) and old.get("settings") is not None and old["settings"] != settings:
+    started = (dst / REPORT_NAME).is_file() and (dst / REPORT_NAME).stat().st_size > 0
+    if path.is_file() or started:
+        old = read_json(path, keys={"settings": dict},
+                        fix=f"it records how the crops in {dst} were made: restore it, or align into a new output "
+                        "folder")
+        if old["settings"] != settings:
             from digi2real.config import settings_diff
 
             changed = "; ".join(f"{k} was {a!r}, now {b!r}" for k, a, b in settings_diff(old["settings"], settings))
             raise ConfigError(f"{dst}: this folder was aligned with other settings ({changed}); resuming would mix "
                               "two kinds of crops: use a new output folder, or delete this one to start over")
+        return
     write_json(path, {"settings": settings, "src": str(src.resolve()), "report": REPORT_NAME})
 
 
@@ -233,16 +236,15 @@ def align_folder(
                              "folders)")
     if dst_path.exists() and not dst_path.is_dir():
         raise Digi2RealError(f"{dst_path}: output path exists and is not a folder")
-    rels = list_images(src_path, exclude=dst_path if dst_path.exists() else None)
-    if dst_path.resolve().is_relative_to(src_path.resolve()):
-        inner = dst_path.resolve().relative_to(src_path.resolve()).as_posix() + "/"
-        rels = [r for r in rels if not r.startswith(inner)]
+    check_apart(dst_path, [src_path])  # `align photos -o photos` would replace the photos by their crops
+    rels = list_images(src_path)
     if not rels:
         raise Digi2RealError(f"{src_path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} files, in "
                              "sub-folders too)")
     outs = output_names(rels, cfg.format)
     dst_path.mkdir(parents=True, exist_ok=True)
     _check_settings(dst_path, _settings(cfg), src_path)
+    clean_temporaries([dst_path], recursive=True)
     report_path = dst_path / REPORT_NAME
     rows = read_report(report_path)
 

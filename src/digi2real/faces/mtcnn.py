@@ -57,6 +57,8 @@ _CROP_SAMPLES = 1 << 18  # crop pixels cut and sent through R-Net / O-Net at onc
 _PNET_PIXELS = 120_000  # CPU: P-Net input pixels per forward pass (images of one level are chunked)
 _MIN_TASK_PIXELS = 9216  # crops with fewer pixels than this in all are not worth a task of their own
 _NMS_MATRIX_MAX = 2000  # up to this many boxes, NMS computes all pairwise overlaps at once
+#: Pixels of same-size images detected together: a batch of 8 photos of 40 MP would need about 24 GB.
+BATCH_PIXEL_BUDGET = 16_000_000
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -422,9 +424,12 @@ class MTCNN:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(batch):
             groups.setdefault(tuple(img.shape[1:]), []).append(i)
-        for _, idxs in groups.items():
-            for start in range(0, len(idxs), self.batch_size):
-                chunk = idxs[start:start + self.batch_size]
+        for (h, w), idxs in groups.items():
+            # Large photos go fewer at a time: one 40 MP image alone peaks at about 3 GB (measured), so a batch of
+            # eight would not fit a laptop. Small images (generated 512 x 512 faces) keep the full batch.
+            per = max(1, min(self.batch_size, BATCH_PIXEL_BUDGET // max(h * w, 1)))
+            for start in range(0, len(idxs), per):
+                chunk = idxs[start:start + per]
                 for i, det in zip(chunk, self.detect_tensor(_stack(batch, chunk, self.device))):
                     results[i] = det
         out = [r if r is not None else Detections() for r in results]

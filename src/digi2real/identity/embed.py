@@ -21,10 +21,10 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 import digi2real
-from digi2real.config import EmbedConfig
+from digi2real.config import EmbedConfig, settings_diff
 from digi2real.errors import BadImageError, Digi2RealError
 from digi2real.faces.arcface import INPUT_SIZE, ArcFaceEncoder
-from digi2real.fileio import atomic_open, atomic_path, sha256_json, write_json
+from digi2real.fileio import atomic_open, atomic_path, clean_temporaries, read_json, sha256_json, write_json
 from digi2real.identity.store import FAILURES_FILE, META_FILE, write_store
 from digi2real.sources.base import ImageSource, SourceItem
 
@@ -90,19 +90,44 @@ def _write_part(path: Path, rows: list[int], vectors: list[np.ndarray], failures
         )
 
 
-def _read_part(path: Path) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+def _read_part(path: Path, lo: int, hi: int, dim: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """A finished part, checked: its rows lie in [lo, hi), one finite unit vector each. Raises ValueError when the
+    file is damaged (a disk error, or an edit): the caller redoes the part."""
     from safetensors import safe_open
 
-    tensors = load_file(str(path))
-    with safe_open(str(path), "np") as handle:
-        failures = json.loads((handle.metadata() or {}).get("failures", "[]"))
-    return tensors["embeddings"], tensors["rows"], [tuple(f) for f in failures]
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "np") as handle:
+            failures = [tuple(f) for f in json.loads((handle.metadata() or {}).get("failures", "[]"))]
+        emb, rows = tensors["embeddings"], tensors["rows"]
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ValueError(f"unreadable ({str(exc)[:80]})") from None
+    if emb.ndim != 2 or emb.shape != (len(rows), dim) or (len(rows) and (rows.min() < lo or rows.max() >= hi)):
+        raise ValueError("its rows do not match the part")
+    if not np.isfinite(emb).all() or any(len(f) != 2 or not lo <= int(f[0]) < hi for f in failures):
+        raise ValueError("non-finite embeddings or bad failure rows")
+    return emb, rows, failures
 
 
-def run_fingerprint(source: ImageSource, encoder: ArcFaceEncoder, cfg: EmbedConfig) -> dict:
-    """Everything that determines the output; a resumed run must match it exactly."""
+def _part_usable(path: Path, lo: int, hi: int, dim: int) -> bool:
+    """Whether a part left by an earlier run can be kept; a damaged one is deleted so that it is redone."""
+    if not path.is_file():
+        return False
+    try:
+        _read_part(path, lo, hi, dim)
+        return True
+    except ValueError:
+        path.unlink(missing_ok=True)
+        return False
+
+
+def run_fingerprint(source: ImageSource, encoder: ArcFaceEncoder, cfg: EmbedConfig, items: list[SourceItem]) -> dict:
+    """Everything that determines the output; a resumed run must match it exactly. ``content_sha256`` covers what
+    the listed images hold (sizes and times, or zip CRCs), so images replaced under the same names are noticed."""
     return {
         "source": source.describe(),
+        "content_sha256": source.content_fingerprint(items),
+        "items": len(items),
         "encoder_sha256": encoder.file_hash(),
         "encoder_input": {"mean": encoder.mean, "std": encoder.std},
         "images_per_identity": cfg.images_per_identity,
@@ -110,41 +135,54 @@ def run_fingerprint(source: ImageSource, encoder: ArcFaceEncoder, cfg: EmbedConf
     }
 
 
+def _previous_run(out_dir: Path) -> dict | None:
+    """The inputs record of what ``out_dir`` holds (a finished artifact's meta.json, or an unfinished run's
+    parts/run.json), or None for a new folder."""
+    meta_path, run_path = out_dir / META_FILE, out_dir / PARTS_DIR / RUN_FILE
+    fix = f"delete it, or pass --overwrite to replace the embeddings in {out_dir}"
+    for path in (meta_path, run_path):
+        if path.is_file():
+            return read_json(path, fix=fix, keys={"inputs_sha256": str})
+    return None
+
+
 def embed_source(source: ImageSource, encoder: ArcFaceEncoder, out_dir: str | Path, cfg: EmbedConfig,
                  progress: bool = True, overwrite: bool = False) -> EmbedSummary:
     """Embed the first ``cfg.images_per_identity`` images of every identity and write the embeddings artifact."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    inputs = run_fingerprint(source, encoder, cfg)
-    key = sha256_json(inputs)
-
-    meta_path, run_path = out_dir / META_FILE, out_dir / PARTS_DIR / RUN_FILE
-    existing = None
-    if meta_path.is_file():
-        existing = json.loads(meta_path.read_text()).get("inputs_sha256")
-    elif run_path.is_file():
-        existing = json.loads(run_path.read_text()).get("inputs_sha256")
-    if existing is not None and existing != key:
-        if not overwrite:
-            raise Digi2RealError(
-                f"{out_dir}: holds embeddings made from other inputs or settings; choose another -o or pass --overwrite"
-            )
-        for name in (META_FILE, FAILURES_FILE, "embeddings.safetensors", "index.parquet"):
-            (out_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
-    elif existing == key and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        return EmbedSummary(out_dir, meta["count"], meta.get("failed", 0), meta["identities"], 0,
-                            time.perf_counter() - started, already_complete=True)
-
+    if out_dir.exists() and not out_dir.is_dir():
+        raise Digi2RealError(f"{out_dir}: exists and is not a folder; choose another -o for the embeddings")
+    clean_temporaries([out_dir, out_dir / PARTS_DIR])
     items = source.list_items(cfg.images_per_identity)
     if not items:
         raise Digi2RealError(f"{source.describe().get('path', source.kind)}: the source has no images to embed")
+    inputs = run_fingerprint(source, encoder, cfg, items)
+    key = sha256_json(inputs)
+
+    previous = _previous_run(out_dir)
+    existing = previous.get("inputs_sha256") if previous else None
+    if existing is not None and existing != key:
+        if not overwrite:
+            changed = "; ".join(f"{k}: was {a!r}, now {b!r}"[:160] for k, a, b in
+                                settings_diff(previous.get("inputs") or {}, inputs)[:3]) or "unknown inputs"
+            raise Digi2RealError(f"{out_dir}: holds embeddings made from other inputs or settings ({changed}); "
+                                 "choose another -o, or pass --overwrite to replace them")
+        for name in (META_FILE, FAILURES_FILE, "embeddings.safetensors", "index.parquet"):
+            (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
+    elif existing == key and (out_dir / META_FILE).is_file():
+        meta = previous or {}
+        return EmbedSummary(out_dir, int(meta.get("count", 0)), int(meta.get("failed", 0)),
+                            int(meta.get("identities", 0)), 0, time.perf_counter() - started, already_complete=True)
+
     (out_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    write_json(run_path, {"inputs_sha256": key, "inputs": inputs, "items": len(items)})
+    write_json(out_dir / PARTS_DIR / RUN_FILE, {"inputs_sha256": key, "inputs": inputs, "items": len(items)})
 
     n_parts = (len(items) + cfg.chunk_size - 1) // cfg.chunk_size
-    todo = [i for i in range(n_parts) if not _part_path(out_dir, i).is_file()]
+    bounds = [(i * cfg.chunk_size, min(len(items), (i + 1) * cfg.chunk_size)) for i in range(n_parts)]
+    todo = [i for i in range(n_parts)
+            if not _part_usable(_part_path(out_dir, i), *bounds[i], encoder.embedding_dim)]
     resumed = n_parts - len(todo)
     done_items = sum(min(cfg.chunk_size, len(items) - i * cfg.chunk_size) for i in range(n_parts) if i not in set(todo))
 
@@ -162,11 +200,16 @@ def embed_source(source: ImageSource, encoder: ArcFaceEncoder, out_dir: str | Pa
             vectors: list[np.ndarray] = []
             failures: list[tuple[int, str]] = []
             for ok_rows, batch, failed in _batches(iter(decoded), range(lo, hi), encoder.batch_size):
-                if batch is not None:
-                    vectors.append(encoder(batch))
-                    rows.extend(ok_rows)
-                failures.extend(failed)
                 bar.update(len(ok_rows) + len(failed))
+                if batch is not None:
+                    vec = encoder(batch)
+                    finite = np.isfinite(vec).all(axis=1)
+                    # A NaN embedding (a degenerate image, a broken model) is a failure of that image, not a vector.
+                    failed = failed + [(r, f"{items[r].path}: the encoder returned a non-finite embedding")
+                                       for r, ok in zip(ok_rows, finite) if not ok]
+                    vectors.append(vec[finite])
+                    rows.extend(r for r, ok in zip(ok_rows, finite) if ok)
+                failures.extend(failed)
             _write_part(_part_path(out_dir, part), rows, vectors, failures, encoder.embedding_dim)
     bar.close()
     return _assemble(out_dir, items, n_parts, inputs, key, encoder, resumed, started)
@@ -179,7 +222,13 @@ def _assemble(out_dir: Path, items: list[SourceItem], n_parts: int, inputs: dict
     all_vectors: list[np.ndarray] = []
     failures: list[tuple[int, str]] = []
     for part in range(n_parts):
-        emb, rows, failed = _read_part(_part_path(out_dir, part))
+        lo, hi = part * inputs["chunk_size"], min(len(items), (part + 1) * inputs["chunk_size"])
+        try:
+            emb, rows, failed = _read_part(_part_path(out_dir, part), lo, hi, encoder.embedding_dim)
+        except ValueError as exc:
+            _part_path(out_dir, part).unlink(missing_ok=True)
+            raise Digi2RealError(f"{_part_path(out_dir, part)}: {exc}; it was removed: run the same command again "
+                                 "to redo that part") from None
         all_vectors.append(emb)
         all_rows.append(rows)
         failures.extend(failed)
@@ -199,6 +248,7 @@ def _assemble(out_dir: Path, items: list[SourceItem], n_parts: int, inputs: dict
         "digi2real_version": digi2real.__version__,
         "inputs_sha256": key,
         "source": inputs["source"],
+        "inputs": inputs,
         "encoder": {"file": str(encoder.model_path), "sha256": inputs["encoder_sha256"],
                     "input_mean": encoder.mean, "input_std": encoder.std},
         "images_per_identity": inputs["images_per_identity"],

@@ -223,7 +223,15 @@ def read_selection(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise Digi2RealError(f"{path}: identity list not found; create it with `digi2real select EMBEDDINGS -o {path}`")
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    try:
+        if path.stat().st_size > 1 << 30:
+            raise Digi2RealError(f"{path}: over 1 GiB is not an identity list; pass the ids.csv written by `select`")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise Digi2RealError(f"{path}: not a text file (not UTF-8); pass the ids.csv written by `digi2real select`") from None
+    if "\x00" in text:
+        raise Digi2RealError(f"{path}: holds NUL bytes, not an identity list; pass the ids.csv written by `select`")
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     if not lines:
         raise Digi2RealError(f"{path}: the identity list is empty")
     rows = list(csv.reader(lines))

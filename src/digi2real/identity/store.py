@@ -84,10 +84,32 @@ def read_store(path: str | Path) -> EmbeddingStore:
         table = pq.read_table(root / INDEX_FILE)
     except (OSError, ValueError, KeyError, json.JSONDecodeError, pa.ArrowException) as exc:
         raise Digi2RealError(f"{root}: embeddings artifact is unreadable ({exc}); delete it and re-run `digi2real embed`") from None
+    if not isinstance(meta, dict):
+        raise Digi2RealError(f"{root / META_FILE}: corrupt (not a JSON object); delete {root} and re-run `digi2real embed`")
+    if "identity" not in table.column_names or "path" not in table.column_names:
+        raise Digi2RealError(f"{root / INDEX_FILE}: lacks the identity/path columns; delete {root} and re-run "
+                             "`digi2real embed`")
     identities = table.column("identity").to_pylist()
     paths = table.column("path").to_pylist()
     if emb.ndim != 2 or emb.shape[0] != len(identities):
         raise Digi2RealError(
             f"{root}: {EMBEDDINGS_FILE} has {emb.shape[0]} rows but {INDEX_FILE} has {len(identities)}; re-run embed"
         )
+    if any(not isinstance(i, str) or not i for i in identities):
+        raise Digi2RealError(f"{root / INDEX_FILE}: an identity is empty or not text; re-run `digi2real embed`")
+    check_finite(emb, identities, root / EMBEDDINGS_FILE)
     return EmbeddingStore(emb.astype(np.float32, copy=False), identities, paths, meta, root)
+
+
+def check_finite(embeddings: np.ndarray, identities: list[str], where: Path | str) -> None:
+    """Refuse embeddings with NaN/infinite values or zero rows: a NaN cosine ranks every identity as -inf in `select`
+    and poisons every prototype it is averaged into (DESIGN "Safety": finite-number checks for embeddings)."""
+    if embeddings.dtype.kind != "f":
+        raise Digi2RealError(f"{where}: embeddings are {embeddings.dtype}, not floating point; re-run `digi2real embed`")
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    bad |= ~bad & (np.abs(np.nan_to_num(embeddings)).sum(axis=1) == 0)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise Digi2RealError(f"{where}: {len(rows)} of {len(embeddings)} embeddings are not finite or are zero (first: "
+                             f"row {rows[0]}, identity {identities[rows[0]]!r}); re-embed them with `digi2real embed "
+                             "--overwrite`, or remove those rows")

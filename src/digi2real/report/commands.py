@@ -55,9 +55,19 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``digi2real report``; returns the exit status. A RUN without config.yaml raises Digi2RealError."""
+    from digi2real.errors import Digi2RealError
+    from digi2real.layout import RunLayout
     from digi2real.report.build import build_report
 
-    path = build_report(args.run_dir, getattr(args, "output", None))
+    out = getattr(args, "output", None)
+    if out is not None:
+        own = RunLayout(args.run_dir).report.resolve()
+        if out.resolve() != own and out.resolve().is_relative_to(args.run_dir.resolve()):
+            raise Digi2RealError(f"-o {out}: inside the run {args.run_dir}, whose files are the report's inputs; "
+                                 f"write the page outside it, or omit -o for {RunLayout(args.run_dir).report}")
+        if out.is_dir():
+            raise Digi2RealError(f"-o {out}: is a folder; name the HTML file to write, e.g. -o {out / 'report.html'}")
+    path = build_report(args.run_dir, out)
     size = path.stat().st_size
     print(f"report: {path} ({size / 1e6:.1f} MB, self-contained; open it in a browser)")
     return 0

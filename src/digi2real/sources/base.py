@@ -45,6 +45,15 @@ class ImageSource(ABC):
     def load(self, item: SourceItem) -> np.ndarray:
         """The image as RGB uint8 H x W x 3; raises BadImageError for an unusable file."""
 
+    def content_fingerprint(self, items: list[SourceItem]) -> str:
+        """A hash of what ``items`` hold now, so work resumed from them notices images replaced under the same names
+        (DESIGN "Safety": resumable work verifies what it resumes from). Sources whose pixels follow from
+        :meth:`describe` alone (the renderer) keep this default; file-backed sources hash sizes and times or CRCs."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode()).hexdigest()
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release open files (zip handles)."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import hashlib
 import http.client
 import os
 import re
@@ -40,7 +41,7 @@ from tqdm import tqdm
 
 from digi2real import __version__
 from digi2real.errors import BadImageError, Digi2RealError
-from digi2real.imageio import decode_image
+from digi2real.imageio import BYTES_ENV, decode_image, max_image_bytes
 from digi2real.sources.base import ImageSource, SourceItem, natural_key, take_first
 from digi2real.sources.folder import FolderSource, is_hidden, is_image_name, list_subdirs
 
@@ -359,6 +360,25 @@ class DigiFaceZipSource(ImageSource):
         }
         return take_first(chosen, None)
 
+    def content_fingerprint(self, items: list[SourceItem]) -> str:
+        """Hash of each item's zip member CRC-32 and size (read from the central directories when the source was
+        opened) and of each zip's size and modification time."""
+        digest = hashlib.sha256()
+        for part in self._parts:
+            st = os.stat(part.path)
+            digest.update(f"{part.path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        for item in items:
+            entry = self._index.get(item.identity)
+            name = item.path[len(item.identity) + 1 :]
+            if entry is None or name not in entry[1]:
+                digest.update(f"{item.path}\0missing\n".encode())
+                continue
+            number, names, slots = entry
+            slot = slots[names.index(name)]
+            part = self._parts[number]
+            digest.update(f"{item.path}\0{part.crcs[slot]}\0{part.uncompressed[slot]}\n".encode())
+        return digest.hexdigest()
+
     # -- reading -------------------------------------------------------------------------------------------------------
 
     def _read_at(self, number: int, offset: int, length: int) -> bytes:
@@ -400,6 +420,12 @@ class DigiFaceZipSource(ImageSource):
             raise BadImageError(f"{label}: damaged zip member (bad local header); {_REDOWNLOAD}")
         if part.flags[slot] & 0x1:
             raise BadImageError(f"{label}: the member is encrypted; DigiFace zips are not, so {_REDOWNLOAD}")
+        # A member is hostile until checked: its declared size is checked before anything is read, and inflation
+        # stops at the limit whatever the header says (700 MB of zeros deflate to 700 KB).
+        limit = max_image_bytes()
+        if part.uncompressed[slot] > limit or part.compressed[slot] > limit:
+            raise BadImageError(f"{label}: the member declares {part.uncompressed[slot]:,} bytes, more than the limit "
+                                f"of {limit:,} for one image; raise it with {BYTES_ENV}={part.uncompressed[slot]}")
         start = part.offsets[slot] + _LOCAL_HEADER.size + name_len + extra_len
         raw = self._read_at(number, start, part.compressed[slot])
         if len(raw) < part.compressed[slot]:
@@ -409,9 +435,9 @@ class DigiFaceZipSource(ImageSource):
             if method == zipfile.ZIP_STORED:
                 data = raw
             elif method == zipfile.ZIP_DEFLATED:
-                data = zlib.decompress(raw, -15)  # raw deflate stream, no zlib header
+                data = zlib.decompressobj(-15).decompress(raw, limit + 1)  # raw deflate stream, no zlib header
             elif method == zipfile.ZIP_BZIP2:
-                data = bz2.decompress(raw)
+                data = bz2.BZ2Decompressor().decompress(raw, max_length=limit + 1)
             else:
                 raise BadImageError(f"{label}: zip compression method {method} is not supported (use deflate or store)")
         except (zlib.error, OSError, ValueError, EOFError) as exc:

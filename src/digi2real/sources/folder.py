@@ -6,6 +6,7 @@ which is the same tree with integer names, possibly split over one folder per do
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -137,6 +138,18 @@ class FolderSource(ImageSource):
         name = item.path[len(item.identity) + 1 :] if item.path.startswith(item.identity + "/") else item.path
         folder = self._dirs.get(item.identity)
         return folder / name if folder is not None else self.root / item.path
+
+    def content_fingerprint(self, items: list[SourceItem]) -> str:
+        """Hash of each item's path, byte size and modification time (nanoseconds): a file replaced under the same
+        name changes it without reading any pixel."""
+        digest = hashlib.sha256()
+        for item in items:
+            try:
+                st = os.stat(self.file_path(item))
+                digest.update(f"{item.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{item.path}\0missing\n".encode())
+        return digest.hexdigest()
 
     def load(self, item: SourceItem) -> np.ndarray:
         """RGB uint8 H x W x 3; raises BadImageError for a missing, empty or corrupt file."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import cmath
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -1324,6 +1325,21 @@ def render_item(seed: int, identity: int, k: int, size: int = 112) -> np.ndarray
 
 
 _ITEM_PATH = re.compile(r"(0|[1-9][0-9]*)/(0|[1-9][0-9]*)\.png")
+PROCEDURAL_LIMIT_ENV = "DIGI2REAL_MAX_PROCEDURAL_IMAGES"
+#: Twice DigiFace-1M's 1.2 M images; a listing of this size takes about 0.5 GB.
+DEFAULT_MAX_PROCEDURAL_IMAGES = 2_400_000
+
+
+def max_procedural_images() -> int:
+    """The largest procedural source (identities x images), ``DIGI2REAL_MAX_PROCEDURAL_IMAGES`` or 2.4 million."""
+    raw = os.environ.get(PROCEDURAL_LIMIT_ENV, "").strip()
+    try:
+        value = int(float(raw)) if raw else DEFAULT_MAX_PROCEDURAL_IMAGES
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ConfigError(f"{PROCEDURAL_LIMIT_ENV}={raw!r}: expected a positive whole number")
+    return value
 
 
 class ProceduralSource(ImageSource):
@@ -1346,6 +1362,11 @@ class ProceduralSource(ImageSource):
         for name, value, low in checks:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ConfigError(f"procedural source: {name} must be an integer >= {low}, got {value!r}")
+        limit = max_procedural_images()
+        if int(identities) * int(images_per_identity) > limit:
+            raise ConfigError(f"procedural source: {identities} x {images_per_identity} images is more than the limit "
+                              f"of {limit:,} (each listed image costs memory); use fewer, or raise the limit with "
+                              f"{PROCEDURAL_LIMIT_ENV}={int(identities) * int(images_per_identity)}")
         self.n_identities = int(identities)
         self.images_per_identity = int(images_per_identity)
         self.seed = int(seed)
