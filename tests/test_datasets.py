@@ -193,7 +193,7 @@ def test_pack_verify_round_trip(tmp_path: Path, keep_png: bool) -> None:
     assert report["images"] == 5 and report["sampled"] == 5 and report["labels_checked"] == 5
     assert report["exact"] == 5  # re-encoding the source as pack did reproduces the stored JPEG byte for byte
     assert verify(out)["ok"]
-    with pytest.raises(Digi2RealError, match="not empty"):
+    with pytest.raises(Digi2RealError, match="already holds a packed set; replace it with --force"):
         pack(src, out, progress=False)
     pack(src, out, progress=False, overwrite=True, quality=80)
     assert json.loads((out / "labels.json").read_text())["quality"] == 80

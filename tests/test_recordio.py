@@ -127,6 +127,25 @@ def test_writer_is_atomic(tmp_path: Path) -> None:
             w.write(0, b"y")
 
 
+def test_writer_files_get_ordinary_permissions_and_tagged_temporaries(tmp_path: Path) -> None:
+    # mkstemp's 0600 left a shared dataset unreadable to other users; the umask decides, as for a plain open()
+    import os
+    import stat
+
+    from digi2real.fileio import is_orphaned_temporary
+
+    mask = os.umask(0)
+    os.umask(mask)
+    w = RecordWriter(tmp_path / "g")
+    w.write(0, b"x")
+    temporaries = sorted(tmp_path.iterdir())
+    assert len(temporaries) == 2 and not any(is_orphaned_temporary(t) for t in temporaries)  # a live writer's
+    assert all(t.name.startswith(".g.") and f"~{os.getpid()}~" in t.name for t in temporaries)
+    w.close()
+    for name in ("g.rec", "g.idx"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask
+
+
 def test_header_pack_unpack() -> None:
     h, rest = unpack_header(pack_header(7, 3, 9) + b"IMG")
     assert (h.flag, h.label, h.id, h.id2, rest) == (0, 7.0, 3, 9, b"IMG")

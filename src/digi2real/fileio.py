@@ -165,7 +165,10 @@ def sha256_json(obj: Any) -> str:
 
 
 def _resolved(path: str | os.PathLike[str]) -> Path:
-    return Path(path).expanduser().resolve()
+    try:
+        return Path(path).expanduser().resolve()
+    except RuntimeError:  # Python < 3.13 raises it for a symbolic link loop
+        raise Digi2RealError(f"{path}: a symbolic link loop; remove the link or give another path") from None
 
 
 def check_apart(output: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], *,

@@ -28,7 +28,11 @@ PACK_DESCRIPTION = textwrap.dedent("""\
     PNG images are re-encoded as JPEG (--quality) to make the set several times smaller; --keep-png stores
     them losslessly instead. JPEG files are stored byte for byte. Every image is decoded while packing, so
     a corrupt or wrongly sized file stops the pack with its name. The set is written into a temporary
-    folder and renamed to DIR at the end: an interrupted pack leaves nothing half-written.""")
+    folder and renamed to DIR at the end: an interrupted pack leaves nothing half-written, and the next
+    pack cleans up what it left.
+
+    DIR may not be DATASET, lie inside it, or hold it. --force replaces only a set pack wrote (DIR holds
+    nothing but pack's five files): any other file in DIR stops the pack before anything is written.""")
 
 PACK_EPILOG = LAYOUTS + "\n\n" + textwrap.dedent("""\
     examples:
@@ -38,8 +42,9 @@ PACK_EPILOG = LAYOUTS + "\n\n" + textwrap.dedent("""\
 
 VERIFY_DESCRIPTION = textwrap.dedent("""\
     Check a packed RecordIO set in DIR. Always checked: it opens (property, index, every record header),
-    labels are sorted and within 0..C-1, each class's range record and count agree with labels.json, and
-    --sample random records (seeded) decode to images of the size property gives.
+    every index entry leads to the record written under its key (the header's id), labels are sorted and
+    within 0..C-1, each class's range record and count agree with labels.json, and --sample random
+    records (seeded) decode to images of the size property gives.
 
     With --source DATASET (the folder it was packed from): the numbers of images and classes and the
     identity names match, the label of every record equals its source image's label, and the sampled
@@ -66,8 +71,8 @@ def register(subparsers: Any) -> tuple[argparse.ArgumentParser, argparse.Argumen
     p.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG quality 1-100 for re-encoded images "
                    "(default 95: mean pixel error about 1 grey level)")
     p.add_argument("--keep-png", action="store_true", help="store PNG images losslessly instead of as JPEG")
-    p.add_argument("--force", action="store_true", help="replace DIR if it already holds files (once the new set "
-                   "is complete)")
+    p.add_argument("--force", action="store_true", help="replace a set pack wrote earlier in DIR (once the new set "
+                   "is complete); other files are never replaced")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_pack)

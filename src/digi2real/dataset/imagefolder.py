@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,7 +26,8 @@ import numpy as np
 
 from digi2real.dataset.recordio import InsightFaceRecordDataset
 from digi2real.errors import BadImageError, Digi2RealError
-from digi2real.imageio import decode_image
+from digi2real.fileio import confine
+from digi2real.imageio import decode_image, max_image_bytes
 from digi2real.sources.base import natural_key
 from digi2real.sources.folder import list_subdirs, scan_identity_tree
 
@@ -86,20 +88,24 @@ def _row_path(row: dict[str, Any], where: str) -> str | None:
     return path
 
 
-def read_manifest(manifest_dir: Path) -> dict[str, str]:
+def read_manifest(manifest_dir: Path, images_dir: Path | None = None) -> dict[str, str]:
     """``{image path relative to images/: status}`` from every ``*.jsonl`` in ``manifest_dir``.
 
     Files are read in name order and lines in file order; when one image has several rows (a resumed or retried
     generation appends a new row) the last one wins. A truncated last line, as a killed writer leaves, is skipped;
-    any other malformed line is an error naming file and line.
+    any other malformed line is an error naming file and line. With ``images_dir``, every row's path is confined to
+    it (DESIGN "Safety": a manifest is data, and data never leads outside its folder, not even through a link).
     """
     files = sorted(manifest_dir.glob("*.jsonl"), key=lambda p: natural_key(p.name))
     status: dict[str, str] = {}
     for file in files:
         try:
-            text = file.read_text(encoding="utf-8")
+            text = file.read_bytes().decode("utf-8")
         except OSError as exc:
             raise Digi2RealError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise Digi2RealError(f"{file}: not UTF-8 text, so not a manifest written by generate; move it out of "
+                                 f"{manifest_dir}") from None
         lines = text.split("\n")
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
@@ -107,13 +113,15 @@ def read_manifest(manifest_dir: Path) -> dict[str, str]:
             where = f"{file}:{lineno}"
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: "[[[[..." nested beyond the parser
                 if lineno == len(lines):  # no newline after it: the writer was killed mid-row
                     continue
                 raise Digi2RealError(f"{where}: not a JSON object; the manifest is corrupt") from None
             if not isinstance(row, dict) or "status" not in row:
                 raise Digi2RealError(f"{where}: a manifest row needs a 'status' field")
             path = _row_path(row, where)
+            if path is not None and images_dir is not None:
+                confine(images_dir, path, where)
             if path is None:
                 if row["status"] == OK:
                     raise Digi2RealError(f"{where}: an ok row needs the image 'path' ('<identity>/<k>.png')")
@@ -123,6 +131,25 @@ def read_manifest(manifest_dir: Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------------ folder
+
+# Characters that would break "one identity per line" (identities.txt) or a log line: ASCII controls (newline,
+# carriage return, escape, ...) and DEL. Spaces, accents, other scripts and a leading '-' are ordinary names.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_identity_name(name: str, tree: Path) -> None:
+    """Refuse an identity folder name that cannot be written as one line of UTF-8 text (``identities.txt``, labels,
+    reports): one with a control character, or bytes that are not UTF-8 (Python holds them as surrogates)."""
+    problem = None
+    if _CONTROL.search(name):
+        problem = "contains a control character (newline, tab, escape, ...)"
+    else:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            problem = "is not valid UTF-8"
+    if problem:
+        raise Digi2RealError(f"{tree}: the identity folder name {name!r} {problem}; rename the folder")
 
 
 class _Labelled:
@@ -172,6 +199,8 @@ class ImageFolderDataset(_Labelled):
         if not files:
             what = "no image has status 'ok' in the manifest" if self.has_manifest else "no identity folder holds images"
             raise Digi2RealError(f"{root}: empty training set: {what}; expected {self.tree}/<identity>/<image>.png")
+        for identity in files:
+            _check_identity_name(identity, self.tree)
         self._identities = list(files)
         self._files: list[str] = []
         counts = []
@@ -186,7 +215,7 @@ class ImageFolderDataset(_Labelled):
         if not any(manifest_dir.glob("*.jsonl")):
             raise Digi2RealError(f"{manifest_dir}: holds no *.jsonl manifest; is the dataset still being generated?")
         by_identity: dict[str, list[str]] = {}
-        for path, status in read_manifest(manifest_dir).items():
+        for path, status in read_manifest(manifest_dir, self.tree).items():
             if status != OK:
                 continue
             if not (self.tree / path).is_file():
@@ -213,7 +242,8 @@ class ImageFolderDataset(_Labelled):
         """The encoded file of image ``i`` as stored."""
         path = self.file_path(i)
         try:
-            return path.read_bytes()
+            with open(path, "rb") as handle:  # at most one byte past the limit: decode_image names the limit
+                return handle.read(max_image_bytes() + 1)
         except FileNotFoundError:
             raise BadImageError(f"{path}: file not found (it was there when the dataset was listed)") from None
         except OSError as exc:
@@ -250,6 +280,25 @@ def is_recordio_dir(path: Path) -> bool:
     return path.is_dir() and (path / "train.rec").is_file()
 
 
+def _read_identities(path: Path, num_classes: int) -> list[str]:
+    """The lines of ``identities.txt`` (one identity per class), split on newlines only: names may hold any other
+    character (``str.splitlines`` would also split at U+2028 and friends, and shift every later name)."""
+    limit = (num_classes + 1) * 4096  # names are folder names: at most 255 bytes each in practice
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(limit + 1)
+        if len(raw) > limit:
+            raise ValueError(f"larger than {limit:,} bytes for {num_classes} names")
+        text = raw.decode("utf-8")
+    except (OSError, ValueError) as exc:
+        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else str(getattr(exc, "strerror", "") or exc)
+        raise Digi2RealError(f"{path}: unreadable ({reason}); it must hold one identity name per line: pack the set "
+                             "again, or delete the file to use the labels as names") from None
+    if text.endswith("\n"):
+        text = text[:-1]
+    return text.split("\n") if text else []
+
+
 class RecordFolderDataset(InsightFaceRecordDataset):
     """An insightface RecordIO folder with identity names: from ``identities.txt`` (written by ``digi2real pack``)
     when it has one line per class, else the label as a string."""
@@ -259,7 +308,7 @@ class RecordFolderDataset(InsightFaceRecordDataset):
         names_file = self.root / "identities.txt"
         names: list[str] | None = None
         if names_file.is_file():
-            lines = names_file.read_text(encoding="utf-8").splitlines()
+            lines = _read_identities(names_file, self.num_classes)
             if len(lines) == self.num_classes:
                 names = lines
         #: True when the names came from identities.txt (not made up from the labels).

@@ -6,6 +6,12 @@ encoding, source). PNG (and other non-JPEG) sources are re-encoded as JPEG at ``
 JPEG sources are stored byte for byte. Everything is written into a temporary folder beside ``out_dir`` and renamed
 into place at the end, so an interrupted pack never leaves a half-written set under the final name.
 
+Safety (DESIGN "Safety"): the output never is, lies inside, or holds the source; ``overwrite`` (``--force``) replaces
+only a folder that holds a set pack wrote (the files of :data:`PACK_FILES`, with pack's ``labels.json``) and nothing
+else, and it deletes those files by name, never a folder tree. Files get the ordinary permissions of the umask.
+Temporary names carry host and process id (:func:`digi2real.fileio.temporary_prefix`), so the next pack removes what a
+killed pack left beside its output, and puts back a previous set that a kill left set aside.
+
 ``verify`` reopens a packed set and checks it against its own ``labels.json`` and, given the source, against the
 source: counts, the label of every record, and a seeded sample of decoded images.
 """
@@ -15,8 +21,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,10 +37,23 @@ from tqdm import tqdm
 from digi2real.dataset.imagefolder import ImageFolderDataset, RecordFolderDataset
 from digi2real.dataset.recordio import unpack_header, write_insightface_rec
 from digi2real.errors import Digi2RealError
-from digi2real.fileio import write_json, write_text
+from digi2real.fileio import (
+    check_apart,
+    is_orphaned_temporary,
+    temporary_prefix,
+    write_json,
+    write_text,
+)
 from digi2real.imageio import decode_image
 
-__all__ = ["pack", "verify", "JPEG_TOLERANCE"]
+__all__ = ["pack", "verify", "JPEG_TOLERANCE", "PACK_FILES"]
+
+#: Every file ``pack`` writes into its output folder, and all that ``--force`` ever deletes there.
+PACK_FILES = ("train.rec", "train.idx", "property", "identities.txt", "labels.json")
+WRITTEN_BY = "digi2real pack"
+# labels.json of sets packed before it named its writer: these keys, all present, identify it.
+_LEGACY_KEYS = frozenset({"source", "images", "classes", "identities", "counts", "encoding"})
+_LABELS_MAX_BYTES = 1 << 30
 
 #: Largest mean absolute pixel difference (0-255 scale) accepted between a JPEG-re-encoded record and its source.
 #: Used only when the stored JPEG is not byte-identical to re-encoding the source (another JPEG library): the
@@ -69,17 +90,22 @@ def pack(
 ) -> dict[str, Any]:
     """Write ``dataset_path`` (image folder or generated dataset) as an insightface RecordIO set in ``out_dir``.
 
-    Returns a summary (images, classes, bytes, encoding). ``out_dir`` must not exist or be empty unless
-    ``overwrite``, in which case the old contents are replaced only once the new set is complete.
+    Returns a summary (images, classes, bytes, encoding). ``out_dir`` must not exist or be empty; with
+    ``overwrite`` it may also hold a set pack wrote, which is replaced only once the new set is complete. Anything
+    else in it (or ``out_dir`` overlapping the source) is refused with one line before anything is written.
     """
     if not 1 <= quality <= 100:
-        raise Digi2RealError(f"JPEG quality must be 1..100, got {quality}")
-    ds = ImageFolderDataset(dataset_path)
+        raise Digi2RealError(f"--quality {quality}: JPEG quality must be 1..100")
     out = Path(out_dir).expanduser().absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise Digi2RealError(f"{out}: already exists and is not empty; choose another folder or replace it (--force)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    # A link to a folder is followed: the set lands where it points and the link stays.
+    dest = _resolve(out, "-o")
+    _resolve(Path(dataset_path), "DATASET")
+    check_apart(out, [dataset_path], flag="-o")
+    _recover(dest)
+    _check_replaceable(out, dest, overwrite)
+    ds = ImageFolderDataset(dataset_path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_folder(dest, "partial")
     try:
         bar = tqdm(total=len(ds), unit="img", desc="pack", disable=not progress)
 
@@ -99,6 +125,8 @@ def pack(
         counts = np.bincount(ds.labels, minlength=ds.num_classes).tolist()
         write_text(tmp / "identities.txt", "".join(f"{name}\n" for name in ds.identities))
         info = {
+            "written_by": WRITTEN_BY,
+            "files": list(PACK_FILES),
             "source": str(ds.root),
             "images": n,
             "classes": ds.num_classes,
@@ -108,44 +136,188 @@ def pack(
             "quality": None if keep_png else quality,
         }
         write_json(tmp / "labels.json", info)
-        _replace_dir(tmp, out)
+        _install(tmp, out, dest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file())
     return {"path": str(out), "source": str(ds.root), "images": n, "classes": ds.num_classes, "bytes": size,
             "encoding": info["encoding"], "quality": info["quality"]}
 
 
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move the finished folder ``new`` to ``dest``; an existing ``dest`` is set aside first and deleted after."""
-    if not dest.exists():
-        os.replace(new, dest)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-    os.rmdir(old)
-    os.replace(dest, old)
+# ------------------------------------------------------------------------------------------------------ output
+
+
+def _resolve(path: Path, flag: str) -> Path:
+    """``path`` with every symbolic link resolved; a link loop is a one-line error (Python < 3.13 raises
+    RuntimeError for it, which no caller expects)."""
     try:
-        os.replace(new, dest)
+        return path.expanduser().resolve()
+    except RuntimeError:
+        raise Digi2RealError(f"{flag} {path}: a symbolic link loop (a link that leads back to itself); remove the "
+                             "link or give another path") from None
+
+
+def _is_pack_labels(path: Path) -> bool:
+    """Whether ``path`` is a labels.json that pack wrote (it names pack, or has the keys pack always wrote)."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > _LABELS_MAX_BYTES:
+            return False
+        info = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(info, dict) and (info.get("written_by") == WRITTEN_BY or _LEGACY_KEYS <= info.keys())
+
+
+def _contents(dest: Path) -> tuple[str, list[str]]:
+    """What is at ``dest``: ("none" | "file" | "empty" | "pack" | "other", names in the way). "pack" means only
+    files of :data:`PACK_FILES`, regular files (no links or folders), with a labels.json pack wrote."""
+    if not dest.exists() and not dest.is_symlink():
+        return "none", []
+    if not dest.is_dir():
+        return "file", [dest.name]
+    names = sorted(os.listdir(dest))
+    if not names:
+        return "empty", []
+    foreign = [n for n in names if n not in PACK_FILES or (dest / n).is_symlink() or not (dest / n).is_file()]
+    if foreign or not _is_pack_labels(dest / "labels.json"):
+        return "other", foreign or names
+    return "pack", []
+
+
+def _in_the_way(out: Path, names: list[str]) -> Digi2RealError:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return Digi2RealError(f"-o {out}: holds {shown}, which digi2real pack did not write; pack (even with --force) "
+                          "replaces only a set it wrote: move them away or choose a new folder")
+
+
+def _check_replaceable(out: Path, dest: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output pack may not write: a file, a folder of other files, or (without
+    ``overwrite``) an earlier set."""
+    state, names = _contents(dest)
+    if state == "file":
+        raise Digi2RealError(f"-o {out}: is a file, not a folder; give a folder for train.rec, train.idx and property")
+    if state == "other":
+        raise _in_the_way(out, names)
+    if state == "pack" and not overwrite:
+        raise Digi2RealError(f"-o {out}: already holds a packed set; replace it with --force, or choose a new folder")
+
+
+def _unused_name(dest: Path, kind: str) -> Path:
+    """A free temporary name beside ``dest`` that tells who wrote it (see :func:`_recover`)."""
+    while True:
+        path = dest.parent / f"{temporary_prefix(dest.name)}{secrets.token_hex(4)}.{kind}.tmp"
+        if not path.exists() and not path.is_symlink():
+            return path
+
+
+def _new_folder(dest: Path, kind: str) -> Path:
+    """Create a temporary folder beside ``dest`` with the ordinary mode (0777 less the umask, unlike mkdtemp's
+    0700, which would keep a finished set unreadable to other users)."""
+    while True:
+        path = _unused_name(dest, kind)
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path
+
+
+def _install(new: Path, out: Path, dest: Path, overwrite: bool) -> None:
+    """Move the finished folder ``new`` to ``dest``. An earlier set pack wrote is set aside first, then its files
+    are deleted by name once the new set is in place; anything else at ``dest`` is never touched."""
+    _check_replaceable(out, dest, overwrite)  # again: the folder may have changed while we packed
+    state, _ = _contents(dest)
+    if state in ("none", "empty"):
+        os.replace(new, dest)  # rename(2) onto an empty folder replaces it in one step
+        return
+    old = _unused_name(dest, "old")
+    os.rename(dest, old)
+    try:
+        os.rename(new, dest)
     except BaseException:
-        os.replace(old, dest)  # put the previous set back rather than leave nothing
+        os.rename(old, dest)  # put the previous set back rather than leave nothing
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_set(old, dest)
+
+
+def _remove_set(folder: Path, dest: Path) -> None:
+    """Delete a set pack wrote, file by file (never a tree): what pack did not write survives."""
+    for name in PACK_FILES:
+        (folder / name).unlink(missing_ok=True)
+    try:
+        os.rmdir(folder)
+    except OSError:
+        # Something appeared in it while we packed: keep it under a visible name, never under a temporary one
+        # (temporaries are deleted by the next run).
+        keep = dest.parent / f"{dest.name}.kept-{secrets.token_hex(3)}"
+        os.rename(folder, keep)
+        print(f"digi2real: note: files that appeared in {dest} while packing were kept in {keep}", file=sys.stderr)
+
+
+def _recover(dest: Path) -> None:
+    """Clean what a killed pack left beside ``dest``: its temporary folders (``.<name>.~host~pid~X.partial.tmp``,
+    ``.old.tmp``; the older ``.<name>.XXXXXXXX.partial/.old``) once their writer is gone (a dead process on this
+    host, or untouched for an hour: :func:`digi2real.fileio.is_orphaned_temporary`). A previous set that a kill left
+    set aside while ``dest`` is missing is put back instead of deleted. Nothing else is touched."""
+    if not dest.parent.is_dir():
+        return
+    own = re.compile(rf"^\.{re.escape(dest.name)}\.(~[^~/]*~\d+~[^~/]*\.tmp|[A-Za-z0-9_]{{8}}\.(partial|old))$")
+    entries = [e for e in dest.parent.iterdir() if own.match(e.name) and not e.is_symlink()]
+    entries.sort(key=lambda e: e.lstat().st_mtime, reverse=True)  # the newest set aside is the one to put back
+    for entry in entries:
+        if not is_orphaned_temporary(entry):
+            continue
+        if entry.name.endswith((".old.tmp", ".old")) and entry.is_dir():
+            state = _contents(entry)[0]
+            if state == "empty":
+                os.rmdir(entry)
+                continue
+            if state != "pack":
+                continue  # not (only) a set pack wrote: leave it for its owner
+            if not dest.exists() and not dest.is_symlink():
+                os.rename(entry, dest)
+            else:
+                _remove_set(entry, dest)
+        elif entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)  # a partial set: only pack writes in it
+        else:
+            entry.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------------ verify
 
 
 def _load_info(root: Path) -> dict[str, Any] | None:
+    """labels.json (written by pack), checked: an object whose ``images``/``classes`` are whole numbers and whose
+    ``counts`` is a list of them; None when the set has none (packed by another tool)."""
     path = root / "labels.json"
     if not path.is_file():
         return None
+    fix = "pack the set again, or delete labels.json to check the set without it"
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise Digi2RealError(f"{path}: unreadable ({exc}); re-run digi2real pack") from None
+        if path.stat().st_size > _LABELS_MAX_BYTES:
+            raise ValueError(f"larger than {_LABELS_MAX_BYTES:,} bytes")
+        info = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise Digi2RealError(f"{path}: cannot be read ({exc.strerror or exc}); {fix}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise Digi2RealError(f"{path}: not valid JSON ({str(exc)[:80]}); {fix}") from None
     if not isinstance(info, dict):
-        raise Digi2RealError(f"{path}: expected a JSON object; re-run digi2real pack")
+        raise Digi2RealError(f"{path}: expected a JSON object, got a {type(info).__name__}; {fix}")
+
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
+
+    for key in ("images", "classes"):
+        if key in info and not whole(info[key]):
+            raise Digi2RealError(f"{path}: {key!r} is {str(info[key])[:40]}, not a whole number; {fix}")
+    counts = info.get("counts", [])
+    if not isinstance(counts, list) or not all(whole(c) for c in counts):
+        raise Digi2RealError(f"{path}: 'counts' must be a list of whole numbers (images per class); {fix}")
+    quality = info.get("quality")
+    if quality is not None and not (whole(quality) and 1 <= quality <= 100):
+        raise Digi2RealError(f"{path}: 'quality' is {str(quality)[:40]}, not a JPEG quality 1..100; {fix}")
     return info
 
 
@@ -165,12 +337,17 @@ def verify(
     and the sampled images equal the source images (exactly when the stored bytes are PNG or the source file's own
     bytes, else within a mean absolute difference of ``tolerance``).
     """
+    if sample < 0:
+        raise Digi2RealError(f"--sample {sample}: the number of records to decode must be 0 or more")
+    if seed < 0:
+        raise Digi2RealError(f"--seed {seed}: the seed must be 0 or more")
     root = Path(packed_dir).expanduser()
     if not root.is_dir():
         raise Digi2RealError(f"{root}: not a folder; expected a packed set with train.rec, train.idx, property")
     rec = RecordFolderDataset(root)
     name = str(root)
-    labels = rec.labels  # reads every header: a broken record fails here
+    rec.check_index()  # reads every header: a broken record, or an index entry leading to another record, fails here
+    labels = rec.labels
     n, c = len(rec), rec.num_classes
     if n == 0:
         raise Digi2RealError(f"{name}: holds no images")

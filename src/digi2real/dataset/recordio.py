@@ -28,9 +28,11 @@ Format (FACTS 7):
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import secrets
 import struct
-import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -39,7 +41,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from digi2real.errors import BadImageError, Digi2RealError
-from digi2real.fileio import write_text
+from digi2real.fileio import temporary_prefix, write_text
 from digi2real.imageio import decode_image
 
 MAGIC = 0xCED7230A
@@ -51,6 +53,17 @@ _HEADER = struct.Struct("<IfQQ")
 HEADER_SIZE = _HEADER.size  # 24
 # float32 labels represent integers exactly only up to 2**24; keys and class ids stored as labels must stay below it.
 _FLOAT32_EXACT = 1 << 24
+#: Largest key accepted in an ``.idx`` (MXNet keys are uint64; numpy holds them as int64).
+MAX_KEY = (1 << 63) - 1
+# One index line is "key<TAB>offset": two decimal numbers of at most 19 digits each. Longer lines are garbage, and
+# reading them whole would let a binary file without newlines take any amount of memory.
+_IDX_LINE = re.compile(r"^([0-9]{1,19})\t([0-9]{1,19})$")
+_IDX_LINE_MAX = 64
+# insightface headers carry at most a handful of extra labels (2 for meta and range records); a count in the millions
+# is a damaged header, not a label list.
+_MAX_HEADER_LABELS = 4096
+#: Largest image side a ``property`` file may declare; face training sets are 112 x 112 (FACTS 7).
+MAX_PROPERTY_SIDE = 4096
 
 __all__ = [
     "MAGIC",
@@ -145,10 +158,19 @@ class RecordWriter:
         self._closed = False
 
     def _open_tmp(self, path: Path) -> Any:
+        """A new temporary file beside ``path``. Named with :func:`~digi2real.fileio.temporary_prefix` so a later
+        run can tell a killed writer's leftover from a live one's; created with mode 0666 so the kernel applies the
+        umask and the finished file has the ordinary permissions of a plain ``open()`` (mkstemp's 0600 would keep
+        a shared dataset unreadable to others)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        self._tmp.append(Path(tmp))
-        return os.fdopen(fd, "wb")
+        while True:
+            tmp = path.parent / f"{temporary_prefix(path.name)}{secrets.token_hex(4)}.tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            except FileExistsError:
+                continue
+            self._tmp.append(tmp)
+            return os.fdopen(fd, "wb")
 
     @staticmethod
     def frame(payload: bytes) -> bytes:
@@ -284,29 +306,35 @@ class RecordReader:
     # -- index ----------------------------------------------------------------------------------------------------
 
     def _load_index(self, idx_path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """Parse ``key<TAB>offset`` lines (FACTS 7). Every line must be two decimal numbers, the key at most
+        :data:`MAX_KEY`, and the offset a 4-byte-aligned position inside the ``.rec`` (records are padded to 4
+        bytes, so no record starts elsewhere); a damaged line is an error naming file and line, never a guess."""
         if not idx_path.is_file():
             raise Digi2RealError(f"{idx_path}: index file not found; pass idx_path=None to scan the .rec instead")
         keys: list[int] = []
         offsets: list[int] = []
-        with open(idx_path, encoding="ascii", errors="replace") as handle:
-            for lineno, line in enumerate(handle, 1):
-                line = line.strip()
+        fix = "the index is damaged: rebuild it, or delete it to have the .rec scanned"
+        with open(idx_path, "rb") as handle:
+            lineno = 0
+            while raw := handle.readline(_IDX_LINE_MAX + 1):
+                lineno += 1
+                if len(raw) > _IDX_LINE_MAX:
+                    raise Digi2RealError(f"{idx_path}:{lineno}: a line longer than {_IDX_LINE_MAX} bytes, not "
+                                         f"'key<TAB>offset'; {fix}")
+                line = raw.decode("ascii", errors="replace").strip(" \r\n")
                 if not line:
                     continue
-                fields = line.split("\t")
-                try:
-                    if len(fields) != 2:
-                        raise ValueError
-                    key, offset = int(fields[0]), int(fields[1])
-                except ValueError:
-                    raise Digi2RealError(
-                        f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {line[:60]!r}; the index is corrupt"
-                    ) from None
-                if offset < 0 or offset >= self._size:
-                    raise Digi2RealError(
-                        f"{idx_path}:{lineno}: offset {offset} of key {key} is outside {self.rec_path} "
-                        f"({self._size} bytes); the .rec is truncated or the index belongs to another file"
-                    )
+                match = _IDX_LINE.match(line)
+                if match is None:
+                    raise Digi2RealError(f"{idx_path}:{lineno}: expected 'key<TAB>offset' (two whole numbers), got "
+                                         f"{line[:40]!r}; {fix}")
+                key, offset = int(match[1]), int(match[2])
+                if key > MAX_KEY:
+                    raise Digi2RealError(f"{idx_path}:{lineno}: key {key} is larger than 2**63 - 1; {fix}")
+                if offset >= self._size or offset % 4:
+                    where = "past the end of" if offset >= self._size else "not on a record boundary in"
+                    raise Digi2RealError(f"{idx_path}:{lineno}: offset {offset} of key {key} is {where} "
+                                         f"{self.rec_path} ({self._size} bytes); the .rec is truncated or {fix}")
                 keys.append(key)
                 offsets.append(offset)
         return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
@@ -452,16 +480,30 @@ class RecordReader:
 
 
 def _read_property(path: Path) -> tuple[int, int, int]:
+    """``num_classes,height,width`` (FACTS 7), each a whole number: classes 1..2**24 (class ids are stored as float32
+    labels, exact only up to 2**24), sides 8..:data:`MAX_PROPERTY_SIDE` px."""
+    fix = "it must hold one line 'num_classes,height,width', e.g. '1000,112,112'"
     if not path.is_file():
         raise Digi2RealError(f"{path}: property file not found; create it with one line 'num_classes,112,112'")
-    text = path.read_text().strip()
-    try:
-        parts = [int(float(p)) for p in text.split(",")]
-        if len(parts) != 3 or min(parts) <= 0:
-            raise ValueError
-    except ValueError:
-        raise Digi2RealError(f"{path}: expected 'num_classes,height,width' (e.g. '1000,112,112'), got {text[:60]!r}") from None
-    return parts[0], parts[1], parts[2]
+    with open(path, "rb") as handle:
+        raw = handle.read(256)
+    text = raw.decode("ascii", errors="replace").strip()
+    match = re.fullmatch(r"(\d{1,12})\s*,\s*(\d{1,12})\s*,\s*(\d{1,12})", text)
+    if match is None or len(raw) == 256:
+        raise Digi2RealError(f"{path}: expected 'num_classes,height,width', got {text[:40]!r}; {fix}")
+    classes, height, width = (int(g) for g in match.groups())
+    if not 1 <= classes <= _FLOAT32_EXACT:
+        raise Digi2RealError(f"{path}: {classes} classes is outside 1..{_FLOAT32_EXACT}; {fix}")
+    if not (8 <= height <= MAX_PROPERTY_SIDE and 8 <= width <= MAX_PROPERTY_SIDE):
+        raise Digi2RealError(f"{path}: image size {width}x{height} is outside 8..{MAX_PROPERTY_SIDE} px; {fix}")
+    return classes, height, width
+
+
+def _whole(value: float, lo: int, hi: int) -> int | None:
+    """``value`` as an int when it is a finite whole number in ``lo..hi``, else None."""
+    if not math.isfinite(value) or value != int(value) or not lo <= int(value) <= hi:
+        return None
+    return int(value)
 
 
 class InsightFaceRecordDataset:
@@ -470,7 +512,9 @@ class InsightFaceRecordDataset:
     Handles both layouts: with the meta record (key 0 with ``flag > 0`` and labels ``(N + 1, end)``; images are keys
     ``1..N``) and without it (im2rec files: every key in the index, in index order, is an image whose header label is
     its class). ``dataset[i]`` is ``(rgb uint8 H x W x 3, int label)``; when a header carries several labels the
-    first is the class, as insightface does.
+    first is the class, as insightface does. Every number read from the files is checked before it is used (a
+    damaged header must not announce a billion images or a NaN class): damage is a :class:`Digi2RealError` naming
+    the file and the record.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -483,51 +527,82 @@ class InsightFaceRecordDataset:
         self.has_meta = False
         self.class_ranges: np.ndarray | None = None  # (C, 2) [start, end) image keys, from the meta layout
         self._labels: np.ndarray | None = None
+        self.image_keys = self.reader.keys.copy()
         if 0 in self.reader:
             header = self._header(0)
             if header.flag > 0:  # insightface's own test for the meta record
                 self._init_meta(header)
-        if not self.has_meta:
-            self.image_keys = self.reader.keys.copy()
+
+    def _corrupt(self, what: str) -> Digi2RealError:
+        return Digi2RealError(f"{self.reader.rec_path}: {what}; the file is damaged: pack or download it again")
 
     def _init_meta(self, header: RecordHeader) -> None:
-        labels = np.asarray(header.label)
+        labels = np.asarray(header.label, dtype=np.float64).ravel()
         if labels.size < 2:
-            raise Digi2RealError(f"{self.reader.rec_path}: meta record 0 has {labels.size} labels, expected (N + 1, end)")
-        n_plus_1, end = int(labels[0]), int(labels[1])
-        if n_plus_1 < 1 or end < n_plus_1:
-            raise Digi2RealError(
-                f"{self.reader.rec_path}: meta record 0 holds ({n_plus_1}, {end}), not a valid (N + 1, end); "
-                "the file is corrupt"
-            )
+            raise self._corrupt(f"meta record 0 has {labels.size} labels, expected (N + 1, end)")
+        keys = self.reader.keys
+        top = int(keys.max()) + 1 if len(keys) else 1
+        n_plus_1 = _whole(labels[0], 1, top)
+        end = _whole(labels[1], n_plus_1 or 1, MAX_KEY)
+        # The meta record's keys must exist in this index: bounding them by it keeps a damaged header from
+        # announcing more images than there are (and from allocating, or looping over, what it announces).
+        if n_plus_1 is None or end is None or end < n_plus_1:
+            raise self._corrupt(f"meta record 0 holds ({labels[0]:g}, {labels[1]:g}), not a valid (N + 1, end) for "
+                                f"an index of {len(keys)} records with keys up to {top - 1}")
+        image_keys = np.arange(1, n_plus_1, dtype=np.int64)
+        missing = np.setdiff1d(image_keys, keys, assume_unique=True)
+        if len(missing):
+            raise self._corrupt(f"meta record 0 announces images 1..{n_plus_1 - 1} but key {int(missing[0])} is "
+                                f"not in {self.reader.idx_path or 'the file'}")
+        if top > end:
+            raise self._corrupt(f"meta record 0 says the set ends before key {end} but "
+                                f"{self.reader.idx_path or 'the file'} lists key {top - 1}")
         self.has_meta = True
-        self.image_keys = np.arange(1, n_plus_1, dtype=np.int64)
+        self.image_keys = image_keys
         ranges = []
         for key in range(n_plus_1, end):
             if key not in self.reader:
                 ranges = []  # some published sets index only the images; the ranges are optional
                 break
             h = self._header(key)
-            lab = np.atleast_1d(np.asarray(h.label))
+            lab = np.atleast_1d(np.asarray(h.label, dtype=np.float64))
             if lab.size < 2:
                 ranges = []
                 break
-            ranges.append((int(lab[0]), int(lab[1])))
+            start, stop = _whole(lab[0], 1, n_plus_1), _whole(lab[1], 1, n_plus_1)
+            if start is None or stop is None or stop < start:
+                raise self._corrupt(f"record {key} holds the class range ({lab[0]:g}, {lab[1]:g}), outside the image "
+                                    f"keys 1..{n_plus_1 - 1}")
+            ranges.append((start, stop))
         self.class_ranges = np.asarray(ranges, dtype=np.int64).reshape(-1, 2) if ranges else None
 
     def _header(self, key: int) -> RecordHeader:
         """The header of record ``key`` (with its extra labels), read without the image bytes."""
-        flag = _HEADER.unpack(self.reader.read(key, limit=HEADER_SIZE).ljust(HEADER_SIZE, b"\0"))[0]
-        header, _ = unpack_header(self.reader.read(key, limit=HEADER_SIZE + 4 * flag))
+        # One read covers the header and the two labels of meta and range records; more labels need a second.
+        head = self.reader.read(key, limit=HEADER_SIZE + 8)
+        flag = _HEADER.unpack(head[:HEADER_SIZE].ljust(HEADER_SIZE, b"\0"))[0]
+        if flag > _MAX_HEADER_LABELS:
+            raise self._corrupt(f"record {key} announces {flag} header labels")
+        if 4 * flag > 8:
+            head = self.reader.read(key, limit=HEADER_SIZE + 4 * flag)
+        try:
+            header, _ = unpack_header(head[: HEADER_SIZE + 4 * flag])
+        except Digi2RealError as exc:
+            raise self._corrupt(f"record {key}: {exc}") from None
         return header
 
     def __len__(self) -> int:
         return len(self.image_keys)
 
-    @staticmethod
-    def _class_of(header: RecordHeader) -> int:
-        label = header.label
-        return int(label) if header.flag == 0 else int(np.asarray(label).ravel()[0])  # type: ignore[arg-type]
+    def _class_of(self, header: RecordHeader, key: int) -> int:
+        """The class of an image record: its scalar label, or the first of its labels; a finite whole number in
+        ``0..num_classes - 1`` (a NaN or 2.5 is damage, never truncated to a class)."""
+        value = float(header.label) if header.flag == 0 else float(np.asarray(header.label).ravel()[0])  # type: ignore[arg-type]
+        label = _whole(value, 0, self.num_classes - 1)
+        if label is None:
+            raise self._corrupt(f"record {key} has label {value:g}, not a class number 0..{self.num_classes - 1} "
+                                f"(property says {self.num_classes} classes)")
+        return label
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         n = len(self.image_keys)
@@ -541,17 +616,42 @@ class InsightFaceRecordDataset:
             raise BadImageError(
                 f"{name}: image is {rgb.shape[1]}x{rgb.shape[0]} px but property says {self.width}x{self.height}"
             )
-        return rgb, self._class_of(header)
+        return rgb, self._class_of(header, key)
 
     @property
     def labels(self) -> np.ndarray:
         """Class of every image (int64), read from the record headers only; computed once and cached."""
         if self._labels is None:
             out = np.empty(len(self.image_keys), dtype=np.int64)
-            for j, key in enumerate(self.image_keys):
-                out[j] = self._class_of(self._header(int(key)))
+            for j, key in enumerate(self.image_keys.tolist()):
+                out[j] = self._class_of(self._header(key), key)
             self._labels = out
         return self._labels
+
+    def check_index(self) -> None:
+        """Check that every index entry leads to the record written under its key: the ``id`` field of the record's
+        ``IfQQ`` header equals the key (FACTS 7; im2rec, insightface and :func:`write_insightface_rec` all write the
+        key there). Catches what framing and labels cannot: two index lines with one offset, or a key whose offset
+        is another, well-formed record (of the same class, so its label looks right). Without an ``.idx`` the
+        records are numbered by position and there is nothing to check. Labels are read (and cached) on the way."""
+        idx = self.reader.idx_path
+        if idx is None:
+            _ = self.labels
+            return
+        images = set(self.image_keys.tolist())
+        labels = np.empty(len(self.image_keys), dtype=np.int64)
+        position = {key: j for j, key in enumerate(self.image_keys.tolist())}
+        for key in self.reader.keys.tolist():
+            header = self._header(key)
+            if header.id != key:
+                offset = self.reader.offset(key)
+                raise Digi2RealError(
+                    f"{idx}: key {key} points at offset {offset}, which holds the record written as key {header.id}; "
+                    f"the index does not match {self.reader.rec_path.name}: rebuild it (pack again) or replace both"
+                )
+            if key in images:
+                labels[position[key]] = self._class_of(header, key)
+        self._labels = labels
 
 
 def write_insightface_rec(
