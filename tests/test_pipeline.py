@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,148 @@ def test_torchrun_two_processes_make_the_same_dataset(first_run, tmp_path):
     # Launched again, every rank follows rank 0's decision: nothing to do.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and again.stdout.count("up to date, skipped") == len(STAGES), again.stderr[-1500:]
+
+
+# ------------------------------------------------------------------------------------------------ issue 11
+
+
+@pytest.mark.parametrize("content", [b"not json {", b"[1, 2]", b'{"stages": 5}', b'{"stages": {"embed": [1]}}',
+                                     b'{"stages": {"embed": {"complete": "yes"}}}', b"\xff\xfe\x00binary"])
+def test_corrupt_pipeline_json_is_one_line(tmp_path, capsys, content):
+    from digi2real.cli import main
+
+    cfg = _config(tmp_path, "corrupt")
+    run = tmp_path / "corrupt"
+    run.mkdir()
+    (run / "pipeline.json").write_bytes(content)
+    for args in (["run", str(cfg), "-q"], ["run", str(cfg), "--dry-run"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "pipeline.json: corrupt" in err[0] and "delete it to redo every stage" in err[0]
+        assert sorted(p.name for p in run.iterdir()) == ["pipeline.json"]  # nothing else made
+        assert (run / "pipeline.json").read_bytes() == content
+
+
+def test_slurm_rank_without_rank_0_gives_up(tmp_path):
+    """Issue 11: `SLURM_PROCID=1 SLURM_NTASKS=2 digi2real run` alone waited forever, printing nothing."""
+    cfg = _config(tmp_path, "alone")
+    env = {**os.environ, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "4242"}
+    for key in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, "-m", "digi2real.cli", "run", str(cfg), "-q", "--start-timeout", "2"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "[rank 1] waiting for rank 0 to start this launch" in done.stdout
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and "pipeline.json: rank 0 of this launch did not start within 2 s" in err[0], err
+    assert not (tmp_path / "alone").exists()  # the waiting rank writes nothing
+
+
+def _fake_rank_0(path: Path, session: str, stop, interval: float, exit_error: str | None = None):
+    """A rank 0 seen only through its heartbeat: it beats until ``stop`` is set, then falls silent (killed) or writes
+    its exit record."""
+    import threading
+
+    from digi2real.fileio import write_json
+
+    def run() -> None:
+        beat = 0
+        while not stop.is_set():
+            write_json(path, {"session": session, "beat": beat, "state": "running", "pid": 1, "host": "h"})
+            beat += 1
+            stop.wait(interval)
+        if exit_error is not None:
+            write_json(path, {"session": session, "beat": beat, "state": "exited", "error": exit_error})
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("exit_error", [None, "boom: something failed"])
+def test_waiting_rank_gives_up_when_rank_0_dies(tmp_path, monkeypatch, exit_error):
+    """A rank > 0 whose rank 0 started and then died (no heartbeat for --wait-timeout) or exited with an error gives
+    up with one line naming pipeline.json and what it waited for."""
+    import threading
+
+    from digi2real.pipeline import process_rank
+
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    for key in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = load_experiment(_config(tmp_path, "dies"))
+    layout = RunLayout(cfg.output_dir)
+    _, _, session = process_rank()
+    stop = threading.Event()
+    thread = _fake_rank_0(layout.heartbeat(0), session, stop, interval=0.2, exit_error=exit_error)
+    said: list[str] = []
+    stopped_at: list[float] = []
+
+    def say(text: str) -> None:
+        said.append(text)
+        if "miniature models" in text and not stop.is_set():  # rank 1 follows it: now rank 0 dies
+            stopped_at.append(time.monotonic())
+            stop.set()
+
+    with pytest.raises(Digi2RealError) as info:
+        run_pipeline(cfg, progress=False, say=say, start_timeout=60, wait_timeout=2)
+    stop.set()
+    thread.join()
+    message = str(info.value)
+    assert message.startswith(f"{layout.state}: ") and "\n" not in message
+    assert "rank 0 to build the miniature models" in message
+    if exit_error is None:
+        assert "rank 0 gave no sign of life for 2 s" in message and "--wait-timeout" in message
+    else:
+        assert f"rank 0 exited ({exit_error})" in message
+    assert stopped_at and time.monotonic() - stopped_at[0] < 10
+
+
+def test_rank_0_gives_up_on_a_shard_that_never_starts(tmp_path):
+    from digi2real.liveness import Waiter, Watch
+
+    watch = Watch(tmp_path / "heartbeats" / "rank-1.json", "s#0")
+    said: list[str] = []
+    waiter = Waiter({"rank 1": watch}, "rank 0", tmp_path / "dataset" / "manifest", 1.0, 60.0, said.append)
+    with pytest.raises(Digi2RealError, match=r"manifest: rank 1 of this launch did not start within 1 s"):
+        waiter.until(lambda: None, "the other 1 processes' shards", poll=0.1)
+    assert said and "waiting for the other 1 processes' shards" in said[0]
+
+
+def _dead_pid() -> tuple[int, str]:
+    """The pid of a process that has exited, and the temporary-name prefix it used for pipeline.json."""
+    done = subprocess.run([sys.executable, "-c", "import os; from digi2real.fileio import temporary_prefix as t; "
+                           "print(t('X'))"], capture_output=True, text=True, check=True)
+    prefix = done.stdout.strip()
+    return int(prefix.split("~")[2]), prefix
+
+
+def test_run_cleans_temporaries_a_killed_run_left(first_run, tmp_path):
+    """Issue 11, section 3: `.pipeline.json.*.tmp` and friends left by a SIGKILL disappear on the next run; a live
+    writer's temporary and a dry run leave everything as it is."""
+    cfg_path, _ = first_run
+    run = tmp_path / "copy"
+    shutil.copytree(load_experiment(cfg_path).output_dir, run)
+    _, dead = _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import os, sys, time; from digi2real.fileio import "
+                             "temporary_prefix as t; print(t('X'), flush=True); time.sleep(120)"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        alive = live.stdout.readline().strip()
+        names = ["pipeline.json", "config.yaml", "ids.csv", "plan.parquet", "shift.safetensors", "report.html"]
+        stale = [run / (dead.replace(".X.", f".{n}.", 1) + "abcd.tmp") for n in names]
+        kept = run / (alive.replace(".X.", ".pipeline.json.", 1) + "efgh.tmp")
+        for p in [*stale, kept]:
+            p.write_text("half-written")
+        cfg = load_experiment(cfg_path, {"output_dir": str(run)})
+        run_pipeline(cfg, dry=True, say=lambda s: None)
+        assert all(p.exists() for p in stale)  # a dry run writes and deletes nothing
+        said: list[str] = []
+        outcome = run_pipeline(cfg, progress=False, say=said.append)
+        assert outcome == {stage: "skipped" for stage in STAGES}
+        assert not any(p.exists() for p in stale) and kept.exists()
+        assert any(f"removed {len(stale)} temporary file(s)" in s for s in said)
+    finally:
+        live.kill()
+        live.wait()

@@ -8,6 +8,7 @@ when the same command is run again.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from digi2real import __version__
 from digi2real.errors import Digi2RealError
+from digi2real.fileio import check_apart
 
 PIPELINE = """\
 stages (each reads the previous one's output; see README.md):
@@ -36,6 +38,23 @@ stages (each reads the previous one's output; see README.md):
   download  fetch DigiFace-1M zips (resumable)
   demo      the identity stages on procedural faces (the whole method: make demo)
 """
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error contract: a usage error is one line (``digi2real: error: ...``) naming the
+    command and pointing at its --help, exit status 2, like every other refusal."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"digi2real: error: {self.prog}: {one_line(message)}; see `{self.prog} --help`\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """As argparse's, but a stray argument is reported by the sub-command it was given to (its --help)."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+            owner = sub.choices.get(getattr(ns, "command", None) or "", self) if sub is not None else self
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -110,6 +129,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     if args.source:
         flags["source"] = parse_source_spec(args.source).model_dump(mode="json")
     cfg = _load(args, flags)
+    check_apart(args.output, [cfg.source.path])
     with open_source(cfg.source) as source:
         encoder = ArcFaceEncoder.load(cfg.encoder)
         summary = embed_source(source, encoder, args.output, cfg.embed, progress=not args.quiet,
@@ -159,6 +179,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     if args.all:
         flags["select.n"] = None
     cfg = _load(args, flags)
+    check_apart(args.output, [args.embeddings])
     store = read_store(args.embeddings)
     selection = select_identities(store, cfg.select)
     write_selection(args.output, selection)
@@ -210,6 +231,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load(args, _given(plan__images_per_identity=args.images, plan__images_per_latent=args.per_latent,
                              plan__alpha=args.alpha, plan__seed=args.seed))
     shard = parse_shard(args.shard) if args.shard else Shard()
+    check_apart(args.output, [args.embeddings, args.ids])
     store = read_store(args.embeddings)
     ids = read_selection(args.ids)
     plan = make_plan(store, ids, cfg.plan, shard, inputs={"ids_file": str(args.ids), "ids_sha256": sha256_file(args.ids)})
@@ -230,28 +252,57 @@ def _run_parser(sub) -> None:
             its output_dir. Each stage's settings and inputs are fingerprinted in output_dir/pipeline.json: a stage
             done with the same fingerprint is skipped, an interrupted one resumes, and a changed setting re-runs
             that stage and the ones after it (their old outputs are moved to output_dir/stale/, never mixed with
-            new ones). Kill it at any moment and run the same command again."""),
+            new ones). Kill it at any moment and run the same command again.
+
+            First, every input of the stages that will run is checked (the preflight): the source images, the
+            real faces of the shift, the weights (hub cache or local directories), the benchmark files under
+            eval.data_root, the GPUs a setting needs, the free disk. If anything is missing the run stops before
+            creating anything, listing each missing input and how to get it. --dry-run prints the checks and
+            each stage's forecast (images, UNet evaluations, hours, disk) and writes nothing.
+
+            Under torchrun or srun (N processes), rank 0 runs the single-process stages while the others wait;
+            every process generates its shard and joins training. A waiting process says what it waits for and
+            gives up, with one line naming pipeline.json, when rank 0 does not start within --start-timeout or
+            shows no sign of life (its heartbeat, every 30 s) for --wait-timeout."""),
         epilog=textwrap.dedent("""\
+            exit status:
+              0  done (or, with --dry-run: every input is there)
+              2  inputs missing (listed, one per line, after the "digi2real: error:" line; with --dry-run the
+                 whole report is printed first), a bad config or setting, or a stage's error
+              3  a stage is not complete yet (run the same command again)
+              130 interrupted (run the same command again to resume)
+
             examples:
               digi2real run configs/demo.yaml                       # the built-in miniature (make demo)
               digi2real run configs/digi2real-20k.yaml              # the paper's recipe (GPU, weights, DigiFace)
-              digi2real run configs/digi2real-20k.yaml --dry-run    # what would run, with work estimates
+              digi2real run configs/digi2real-20k.yaml --dry-run    # check every input; forecast; write nothing
               digi2real run configs/digi2real-20k.yaml --until generate
               digi2real run configs/ablations/alpha-1.yaml --set generate.batch_size=32"""),
     )
     p.add_argument("config", type=Path, metavar="CONFIG", help="experiment YAML (configs/*.yaml)")
     p.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (earlier ones must be done)")
     p.add_argument("--until", metavar="STAGE", help="stop after this stage")
-    p.add_argument("--dry-run", action="store_true", help="print what each stage would do, and estimates; run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every input, print each stage's forecast; write nothing (exit 2 if inputs are missing)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value by dotted key (repeatable)")
+    p.add_argument("--start-timeout", type=float, metavar="SECONDS",
+                   help="multi-process: how long the other processes wait for rank 0 to start (default 600; env "
+                        "DIGI2REAL_START_TIMEOUT)")
+    p.add_argument("--wait-timeout", type=float, metavar="SECONDS",
+                   help="multi-process: give up after this long without a sign of life from the awaited process "
+                        "(default 1800; env DIGI2REAL_WAIT_TIMEOUT); a long stage never times out by itself")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import math
+
     from digi2real.config import load_experiment, parse_override
+    from digi2real.liveness import START_ENV, START_TIMEOUT, WAIT_ENV, WAIT_TIMEOUT, timeout_from_env
     from digi2real.pipeline import run_pipeline
+    from digi2real.preflight import PreflightError
 
     overrides = {}
     for item in args.set:
@@ -259,8 +310,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides[".".join(keys)] = value
     if not args.config.is_file():
         raise Digi2RealError(f"{args.config}: config not found; see configs/ (e.g. configs/demo.yaml)")
+    timeouts = {}
+    for flag, value, env, default in (("--start-timeout", args.start_timeout, START_ENV, START_TIMEOUT),
+                                      ("--wait-timeout", args.wait_timeout, WAIT_ENV, WAIT_TIMEOUT)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise Digi2RealError(f"{flag} {value}: must be a positive number of seconds, e.g. {flag} {default:.0f}")
+        timeouts[flag] = value if value is not None else timeout_from_env(env, default)
     cfg = load_experiment(args.config, overrides)
-    outcome = run_pipeline(cfg, start=args.start, until=args.until, dry=args.dry_run, progress=not args.quiet)
+    try:
+        outcome = run_pipeline(cfg, start=args.start, until=args.until, dry=args.dry_run, progress=not args.quiet,
+                               origin=str(args.config), start_timeout=timeouts["--start-timeout"],
+                               wait_timeout=timeouts["--wait-timeout"])
+    except PreflightError as exc:
+        # The whole list, one missing input a line under the one error header: a single line would hide most of it.
+        sys.stdout.flush()
+        print("digi2real: error: " + "\n".join(exc.lines()), file=sys.stderr)
+        return 2
     if outcome:
         print("stages: " + ", ".join(f"{k} {v}" for k, v in outcome.items()))
     return 0 if all(v != "incomplete" for v in outcome.values()) else 3
@@ -298,6 +363,8 @@ def _parts_help() -> str:
 def _cmd_download(args: argparse.Namespace) -> int:
     from digi2real.sources import digiface
 
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise Digi2RealError(f"--timeout {args.timeout}: must be a positive number of seconds, e.g. --timeout 60")
     if args.list:
         for name, (filename, size) in digiface.DIGIFACE_PARTS.items():
             print(f"{name:16s} {filename:42s} {f'{size / 1e9:.2f} GB' if size else 'size unknown'}")
@@ -363,7 +430,7 @@ def describe_os_error(exc: OSError) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="digi2real", formatter_class=_formatter,
         description="Realistic synthetic face-recognition data from rendered identities (the Digi2Real method).",
         epilog=PIPELINE + "\nRun `digi2real COMMAND --help` for a command's options.",
@@ -394,7 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2, already printed as one line)
+        return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

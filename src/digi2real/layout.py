@@ -16,6 +16,11 @@ class RunLayout:
     def state(self) -> Path:
         return self.root / "pipeline.json"  # per stage: fingerprint, complete, timings
 
+    def heartbeat(self, rank: int) -> Path:
+        """A process's sign of life in a multi-process launch (digi2real.liveness): rank 0's for the others, theirs
+        for rank 0 while it waits for their shards."""
+        return self.root / "heartbeats" / f"rank-{rank}.json"
+
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"  # the resolved experiment config

@@ -10,7 +10,6 @@ the fingerprints, every stage after it, and nothing else.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -23,14 +22,16 @@ import yaml
 
 from digi2real.config import ExperimentConfig
 from digi2real.errors import Digi2RealError
-from digi2real.fileio import sha256_json, write_json, write_text
+from digi2real.fileio import clean_temporaries, read_json, sha256_json, write_json, write_text
 from digi2real.layout import RunLayout
+from digi2real.liveness import START_TIMEOUT, WAIT_TIMEOUT, Heartbeat, Waiter, Watch
 
 STAGES = ("embed", "select", "plan", "shift", "generate", "pack", "train", "eval", "report")
 #: Stages every process takes part in when `run` is launched by torchrun/Slurm: generation (each process its shard)
 #: and training (DDP). The others run on rank 0 while the rest wait for them in pipeline.json.
 COLLECTIVE = ("generate", "train")
-POLL_SECONDS = 1.0
+#: How often rank 0 counts the finished images of the other shards (reading every manifest is not free at 400K rows).
+SHARD_POLL_SECONDS = 10.0
 
 
 # ------------------------------------------------------------------------------------------------------ settings
@@ -102,6 +103,13 @@ def fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------------ state
 
 
+STATE_FIX = ("delete it to redo every stage (outputs made before are moved to stale/, never deleted), or restore it "
+             "from a backup")
+#: The fields of a stage record that decisions read, with their types.
+RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {"fingerprint": str, "complete": bool, "session": str,
+                                                     "finished_session": str, "action": str}
+
+
 @dataclass
 class RunState:
     path: Path
@@ -109,13 +117,20 @@ class RunState:
 
     @classmethod
     def load(cls, path: Path) -> "RunState":
-        if not path.is_file():
+        """The recorded state, checked: a file that is not JSON, not ``{"stages": {name: {...}}}``, or whose records
+        have fields of the wrong type is refused in one line naming it (never a traceback)."""
+        if not path.exists():
             return cls(path, {})
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            raise Digi2RealError(f"{path}: corrupt run state; delete it to redo every stage") from None
-        return cls(path, dict(data.get("stages", {})))
+        data = read_json(path, fix=STATE_FIX, keys={"stages": dict})
+        for name, rec in data["stages"].items():
+            if not isinstance(rec, dict):
+                raise Digi2RealError(f"{path}: corrupt (the record of stage {str(name)[:40]!r} is a "
+                                     f"{type(rec).__name__}, not an object); {STATE_FIX}")
+            for key, kind in RECORD_FIELDS.items():
+                if key in rec and not isinstance(rec[key], kind):
+                    raise Digi2RealError(f"{path}: corrupt ({key!r} of stage {str(name)[:40]!r} is a "
+                                         f"{type(rec[key]).__name__}); {STATE_FIX}")
+        return cls(path, dict(data["stages"]))
 
     def save(self) -> None:
         write_json(self.path, {"stages": self.stages})
@@ -164,6 +179,9 @@ class Context:
     say: Callable[[str], None]
     rank: int = 0
     world: int = 1
+    session: str = ""
+    start_timeout: float = START_TIMEOUT
+    wait_timeout: float = WAIT_TIMEOUT
 
     @property
     def main(self) -> bool:
@@ -264,15 +282,27 @@ def run_generate(ctx: Context) -> bool:
         ctx.say(line)
     done = len(final_keys(read_rows(ctx.layout.dataset)))
     if ctx.world > 1 and ctx.main and done < len(job.plan):
-        ctx.say(f"[generate] waiting for the other {ctx.world - 1} processes' shards")
-        while done < len(job.plan):  # the other ranks write their own manifests; rank 0 records completion
-            time.sleep(10 * POLL_SECONDS)  # reading every manifest is not free at 400K rows
-            done = len(final_keys(read_rows(ctx.layout.dataset)))
+        done = _wait_for_shards(ctx, len(job.plan))
     if done < len(job.plan):
         ctx.say(f"generate: {done} of {len(job.plan)} images finished (other shards still running?); the stages "
                 "after it wait until every shard is done")
         return False
     return True
+
+
+def _wait_for_shards(ctx: Context, planned: int) -> int:
+    """Rank 0, its own shard done: wait until every shard's images are final (the other ranks write their own
+    manifests); give up when a rank never started, exited, or stopped beating (digi2real.liveness)."""
+    from digi2real.generation.runner import final_keys, read_rows
+
+    def finished() -> int | None:
+        done = len(final_keys(read_rows(ctx.layout.dataset)))
+        return done if done >= planned else None
+
+    watches = {f"rank {r}": Watch(ctx.layout.heartbeat(r), ctx.session) for r in range(1, ctx.world)}
+    waiter = Waiter(watches, "rank 0", ctx.layout.dataset / "manifest", ctx.start_timeout, ctx.wait_timeout, ctx.say)
+    return waiter.until(finished, f"the other {ctx.world - 1} processes' shards of the {planned} images",
+                        poll=SHARD_POLL_SECONDS)
 
 
 def run_pack(ctx: Context) -> bool:
@@ -366,35 +396,6 @@ def write_resolved_config(layout: RunLayout, cfg: ExperimentConfig) -> None:
     write_text(layout.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-def dry_run(cfg: ExperimentConfig, layout: RunLayout, stages: list[str], say: Callable[[str], None]) -> None:
-    state = RunState.load(layout.state)
-    fps = fingerprints(cfg)
-    for stage in STAGES:
-        if stage not in stages:
-            continue
-        status = state.status(stage, fps[stage])
-        say(f"{stage:9s} {dict(skip='skip (done, same settings)', resume='resume', rerun='re-run (settings or inputs changed)', run='run')[status]}")
-        if stage == "generate" and status != "skip" and layout.plan.is_file():
-            ctx = Context(cfg, layout, False, say)
-            job, _ = _generation_job(ctx, dry_run=True)
-            from digi2real.generation.runner import generate_dataset
-
-            for line in generate_dataset(job, layout.dataset, dry_run=True, fresh=status == "rerun"):
-                say(f"          {line}")
-        if stage == "train" and status != "skip":
-            t = cfg.train
-            work = f"{t.epochs} epochs of {t.backbone} + {t.head}, global batch {t.batch_size}"
-            if layout.plan.is_file():
-                import math
-
-                import pyarrow.parquet as pq
-
-                images = pq.read_metadata(layout.plan).num_rows
-                steps = t.epochs * math.ceil(images / t.batch_size)
-                work += f": about {steps:,} steps over the {images:,} planned images (fewer if some are rejected)"
-            say(f"          {work}")
-
-
 def process_rank() -> tuple[int, int, str]:
     """(rank, world size, session) of this process under torchrun or Slurm; (0, 1, "") when launched alone. The
     session names this launch, so the other ranks never act on what rank 0 recorded in an earlier one."""
@@ -408,33 +409,122 @@ def process_rank() -> tuple[int, int, str]:
     return shard.index, shard.count, f"{session}#{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
+def stage_statuses(state: RunState, layout: RunLayout, stages: list[str], fps: dict[str, str]) -> dict[str, str]:
+    """What `run` will do with each selected stage: skip (done with these settings and its output is there), resume,
+    rerun (other settings) or run (never ran)."""
+    out = {}
+    for stage in STAGES:
+        if stage in stages:
+            status = state.status(stage, fps[stage])
+            if status == "skip" and not all(p.exists() for p in stage_outputs(layout, stage)[:1]):
+                status = "resume"  # recorded done but its output is gone: the stage's own resume logic redoes it
+            out[stage] = status
+    return out
+
+
+def _timed_generation(resolved: ExperimentConfig, layout: RunLayout, statuses: dict[str, str]):
+    """The generation forecast timed on this machine (runner.estimate: one guided UNet step and one decode), used
+    by the dry run when the weights are at hand: exact pending counts from the plan when it is done, else the
+    planned count."""
+    def lines(status: str, planned: int) -> list[str]:
+        from digi2real.generation.runner import DISK_BYTES, estimate, generate_dataset
+
+        ctx = Context(resolved, layout, False, lambda text: None)
+        try:
+            if layout.plan.is_file() and statuses.get("plan", "skip") == "skip":
+                job, _ = _generation_job(ctx, dry_run=True)
+                return list(generate_dataset(job, layout.dataset, dry_run=True, fresh=status == "rerun"))
+            g = resolved.generate
+            model = _generator(ctx)
+            timing = estimate(model, g, planned, g.batch_size if model.device.type == "cuda" else 1)
+        except Digi2RealError as exc:
+            return [f"time: cannot be measured ({exc})"]
+        branches = 2 if g.guidance != 1.0 else 1
+        total = timing["seconds_per_image"] * planned
+        disk = planned * (DISK_BYTES[g.format] + (DISK_BYTES["raw"] if g.keep_raw else 0))
+        return [f"{planned:,} images planned; UNet evaluations: {planned * g.steps * branches:,} ({g.steps} steps x "
+                f"{branches} branches per image; retries add up to {g.gate.max_retries}x that for rejected images)",
+                f"disk: about {disk / 1e9:.2f} GB",
+                f"time: about {timing['seconds_per_image']:.2f} s per image on {model.device} (one step of a batch of "
+                f"{timing['batch']}: {timing['step_seconds']:.2f} s, decode {timing['decode_seconds']:.2f} s) -> "
+                f"{total / 3600:,.1f} h in one process"]
+    return lines
+
+
+def dry_run(cfg: ExperimentConfig, layout: RunLayout, statuses: dict[str, str], origin: str,
+            say: Callable[[str], None]) -> None:
+    """Print the preflight (every input, the hardware, the disk) and each stage's forecast; write nothing. Raises
+    :class:`~digi2real.preflight.PreflightError` after printing when inputs are missing."""
+    from digi2real.preflight import OK, run_preflight
+
+    resolved = resolved_config(cfg, layout)
+
+    def generation(weights):
+        ready = (layout.models / ".ready").is_file() if cfg.miniature else all(c.status == OK for c in weights)
+        return _timed_generation(resolved, layout, statuses) if ready else None
+
+    report = run_preflight(cfg, layout, statuses, origin, forecast=True, generation=generation)
+    for line in report.lines():
+        say(line)
+    if report.missing:
+        raise report.error(dry=True)
+    say("ready: every input is there")
+
+
 def run_pipeline(cfg: ExperimentConfig, *, start: str | None = None, until: str | None = None,
-                 dry: bool = False, progress: bool = True, say: Callable[[str], None] = print) -> dict[str, str]:
+                 dry: bool = False, progress: bool = True, say: Callable[[str], None] = print,
+                 origin: str | None = None, start_timeout: float = START_TIMEOUT,
+                 wait_timeout: float = WAIT_TIMEOUT) -> dict[str, str]:
     """Run (or skip, resume, re-run) the stages; returns what happened to each.
+
+    First the preflight (digi2real.preflight): every input of the stages to run is checked, and a missing one stops
+    the run before anything is created, with the whole list (``dry``: print it and each stage's forecast, write
+    nothing). Then temporaries a killed run left in the run folder are removed.
 
     Launched by torchrun (or srun) with N processes, rank 0 runs the single-process stages and records them in
     pipeline.json while the other ranks wait; every rank generates its shard of the images and joins DDP training.
+    Waits are bounded (digi2real.liveness): a rank that never starts (``start_timeout``) or stops beating
+    (``wait_timeout``) ends the others' waits with a one-line error.
     """
+    from digi2real.preflight import FETCH, WARNING, run_preflight
+
     layout = RunLayout(Path(cfg.output_dir))
-    layout.root.mkdir(parents=True, exist_ok=True)
+    origin = origin or str(layout.root)
     stages = select_stages(start, until)
     rank, world, session = process_rank()
     main = rank == 0
-    if cfg.miniature and not dry:
-        if main:
-            prepare_miniature(layout, cfg, say)
-        else:
-            while not (layout.models / ".ready").is_file():
-                time.sleep(POLL_SECONDS)
-    cfg = resolved_config(cfg, layout)
+    fps = fingerprints(resolved_config(cfg, layout))
+    statuses = stage_statuses(RunState.load(layout.state), layout, stages, fps)
     if dry:
-        dry_run(cfg, layout, stages, say)
+        dry_run(cfg, layout, statuses, origin, say)
         return {}
-    fps = fingerprints(cfg)
-    ctx = Context(cfg, layout, progress and main, say if main else (lambda text: None), rank, world)
+    report = run_preflight(cfg, layout, statuses, origin, count=main)
+    if report.missing:
+        raise report.error(dry=False)
+    if main:
+        for check in report.checks:
+            if check.status in (FETCH, WARNING):
+                say(f"[run] {check.status}: {check.text()}")
+    ctx = Context(resolved_config(cfg, layout), layout, progress and main, say if main else (lambda text: None),
+                  rank, world, session, start_timeout, wait_timeout)
     if not main:
-        return _follow_all(ctx, stages, fps, session, say)
-    write_resolved_config(layout, cfg)
+        return _follow_all(ctx, cfg, stages, fps, say)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    removed = clean_temporaries([layout.root])
+    if removed:
+        say(f"[run] removed {removed} temporary file(s) left in {layout.root} by a killed run")
+    if world == 1:
+        return _run_stages(ctx, cfg, stages, fps)
+    with Heartbeat(layout.heartbeat(0), session, 0):
+        return _run_stages(ctx, cfg, stages, fps)
+
+
+def _run_stages(ctx: Context, cfg: ExperimentConfig, stages: list[str], fps: dict[str, str]) -> dict[str, str]:
+    """Rank 0 (or the only process): each selected stage in order, recorded in pipeline.json."""
+    layout, say, session = ctx.layout, ctx.say, ctx.session
+    if cfg.miniature:
+        prepare_miniature(layout, cfg, say)
+    write_resolved_config(layout, ctx.cfg)
     state = RunState.load(layout.state)
     outcome: dict[str, str] = {}
 
@@ -480,42 +570,42 @@ def run_pipeline(cfg: ExperimentConfig, *, start: str | None = None, until: str 
     return outcome
 
 
-def _wait_for(layout: RunLayout, what: Callable[[RunState], bool], message: str, say: Callable[[str], None]) -> RunState:
-    """Block (polling pipeline.json) until rank 0 has recorded what this process needs."""
-    said = False
-    while True:
-        state = RunState.load(layout.state)
-        if what(state):
-            return state
-        if not said:
-            say(message)
-            said = True
-        time.sleep(POLL_SECONDS)
-
-
-def _follow_all(ctx: Context, stages: list[str], fps: dict[str, str], session: str,
+def _follow_all(ctx: Context, cfg: ExperimentConfig, stages: list[str], fps: dict[str, str],
                 say: Callable[[str], None]) -> dict[str, str]:
-    """A rank > 0: follow rank 0 through pipeline.json, stage by stage; take part in generation (this rank's shard)
-    and training (DDP); wait for the others."""
-    def this_launch(stage: str) -> Callable[[RunState], bool]:
-        return lambda st: st.stages.get(stage, {}).get("session") == session
+    """A rank > 0: wait for rank 0 to start, then follow it through pipeline.json, stage by stage; take part in
+    generation (this rank's shard) and training (DDP); wait for the others. Every wait is bounded (see
+    digi2real.liveness); this rank's own heartbeat tells rank 0 it is alive while rank 0 waits for its shard."""
+    layout, session = ctx.layout, ctx.session
+    me = f"rank {ctx.rank}"
+    waiter = Waiter({"rank 0": Watch(layout.heartbeat(0), session)}, me, layout.state, ctx.start_timeout,
+                    ctx.wait_timeout, say)
 
-    def finished(stage: str) -> Callable[[RunState], bool]:
-        return lambda st: st.stages.get(stage, {}).get("finished_session") == session
+    def records(test: Callable[[dict], bool]) -> Callable[[], RunState | None]:
+        def ready() -> RunState | None:
+            state = RunState.load(layout.state)
+            return state if test(state.stages) else None
+        return ready
 
-    outcome: dict[str, str] = {}
-    for stage in STAGES:
-        if stage not in stages:
-            continue
-        state = _wait_for(ctx.layout, this_launch(stage), f"[rank {ctx.rank}] waiting for rank 0: {stage}", say)
-        rec = state.stages[stage]
-        if stage in COLLECTIVE and rec.get("action") == "running" and rec.get("fingerprint") == fps[stage]:
-            RUNNERS[stage](ctx)
-        state = _wait_for(ctx.layout, finished(stage), f"[rank {ctx.rank}] waiting for rank 0 to finish {stage}", say)
-        rec = state.stages[stage]
-        if rec.get("action") == "failed":
-            raise Digi2RealError(f"rank 0 failed in stage {stage}; see its output")
-        outcome[stage] = rec["action"] if rec.get("complete") or rec["action"] == "skipped" else "incomplete"
-        if outcome[stage] == "incomplete":
-            break
-    return outcome
+    waiter.until(lambda: waiter.watches["rank 0"].started or None, "rank 0 to start this launch")
+    with Heartbeat(layout.heartbeat(ctx.rank), session, ctx.rank):
+        if cfg.miniature:
+            waiter.until(lambda: (layout.models / ".ready").is_file() or None,
+                         f"rank 0 to build the miniature models in {layout.models}")
+        outcome: dict[str, str] = {}
+        for stage in STAGES:
+            if stage not in stages:
+                continue
+            state = waiter.until(records(lambda st, s=stage: st.get(s, {}).get("session") == session),
+                                 f"rank 0 to start stage {stage}")
+            rec = state.stages[stage]
+            if stage in COLLECTIVE and rec.get("action") == "running" and rec.get("fingerprint") == fps[stage]:
+                RUNNERS[stage](ctx)
+            state = waiter.until(records(lambda st, s=stage: st.get(s, {}).get("finished_session") == session),
+                                 f"rank 0 to finish stage {stage}")
+            rec = state.stages[stage]
+            if rec.get("action") == "failed":
+                raise Digi2RealError(f"rank 0 failed in stage {stage}; see its output")
+            outcome[stage] = rec["action"] if rec.get("complete") or rec["action"] == "skipped" else "incomplete"
+            if outcome[stage] == "incomplete":
+                break
+        return outcome
