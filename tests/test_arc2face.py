@@ -164,3 +164,34 @@ def test_library_entry_point():
     assert generation.Arc2Face is Arc2Face and generation.apply_shift is apply_shift
     with pytest.raises(AttributeError):
         generation.nothing_here
+
+
+def test_dtype_is_a_torch_dtype_or_any_of_its_names(mini_arc2face):
+    """diffusers' convention: ``torch.float32`` or "fp32"/"float32"/"auto"...; anything else, and float16 on the CPU,
+    is one ConfigError line (issue 11: ``dtype=torch.float16`` raised ``TypeError: attribute name must be string``)."""
+    from digi2real.errors import ConfigError
+    from digi2real.generation.arc2face import resolve_dtype
+
+    repo, base = mini_arc2face
+    model = Arc2Face.from_pretrained(repo, base, device="cpu", dtype=torch.float32)
+    assert model.dtype == torch.float32 and next(model.unet.parameters()).dtype == torch.float32
+    model = Arc2Face.from_pretrained(repo, base, device="cpu", dtype="bf16")
+    assert model.dtype == torch.bfloat16
+    assert {p.dtype for p in [*model.unet.parameters(), *model.vae.parameters()]} == {torch.bfloat16}
+    assert model.generate(_embeddings(1), [5], steps=1, size=64).shape == (1, 64, 64, 3)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for name, want in [("auto", torch.float32), ("float32", torch.float32), ("fp32", torch.float32),
+                       (torch.float32, torch.float32), ("bfloat16", torch.bfloat16), ("BF16", torch.bfloat16),
+                       (torch.bfloat16, torch.bfloat16), ("torch.bfloat16", torch.bfloat16)]:
+        assert resolve_dtype(name, cpu) == want, name
+    for name in ("auto", "float16", "fp16", "half", torch.float16, torch.half):
+        assert resolve_dtype(name, cuda) == torch.float16, name
+    for name in (torch.float16, "fp16", "half"):
+        with pytest.raises(ConfigError, match="float16 needs CUDA; on CPU use float32 or bfloat16"):
+            Arc2Face.from_pretrained(repo, base, device="cpu", dtype=name)
+    for bad in (torch.int8, torch.float64, "float64", "fp8", 16, None):
+        with pytest.raises(ConfigError, match="arc2face.dtype .*use auto, float16 \\(fp16, half\\)") as err:
+            Arc2Face.from_pretrained(repo, base, device="cpu", dtype=bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="arc2face.device 'gpu': not a device"):
+        Arc2Face.from_pretrained(repo, base, device="gpu")

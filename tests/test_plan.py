@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from digi2real.config import PlanConfig
@@ -115,3 +118,36 @@ def test_shard_parsing_and_environment():
     assert shard_from_env(None, {"SLURM_PROCID": "3", "SLURM_NTASKS": "5"}) == Shard(3, 5)
     assert shard_from_env("0/2", {"RANK": "1", "WORLD_SIZE": "4"}) == Shard(0, 2)
     assert shard_from_env(None, {}) == Shard()
+
+
+def test_plan_refuses_unsafe_identity_names(tmp_path):
+    emb = np.eye(4, 8, dtype=np.float32)
+    for name in ("../../X", "..", "a/b", "a\\b"):
+        write_store(tmp_path / "emb", emb, [name, name, "ok", "ok"], ["x.png"] * 4, {})
+        with pytest.raises(Digi2RealError, match="index.parquet: .*rename it") as err:
+            make_plan(read_store(tmp_path / "emb"), [name, "ok"], PlanConfig(images_per_identity=2))
+        assert "\n" not in str(err.value)
+
+
+def test_plan_records_its_embeddings_relative_to_itself(store, tmp_path, monkeypatch):
+    """The embeddings path works from any working directory (issue 11: it was stored as typed)."""
+    monkeypatch.chdir(tmp_path)
+    relative = read_store("emb")  # the store of the fixture, opened by a relative path
+    write_plan("runs/x/plan.parquet", make_plan(relative, ["0", "1"], PlanConfig()))
+    monkeypatch.chdir(tmp_path / "runs")
+    back = read_plan(tmp_path / "runs" / "x" / "plan.parquet")
+    assert back.meta["embeddings"] == str(tmp_path / "emb")
+    raw = json.loads(pq.read_schema(tmp_path / "runs" / "x" / "plan.parquet").metadata[b"digi2real"])
+    assert raw["embeddings"] == "../../emb" and raw["embeddings_absolute"] == str(tmp_path / "emb")
+
+
+def test_plan_output_never_replaces_an_input(store, tmp_path):
+    plan = make_plan(store, ["0", "1"], PlanConfig(), inputs={"ids_file": str(tmp_path / "ids.csv")})
+    (tmp_path / "ids.csv").write_text("identity\n0\n1\n")
+    for target, match in ((tmp_path / "ids.csv", "is the input itself"),
+                          (tmp_path / "emb" / "plan.parquet", "lies inside the input"),
+                          (tmp_path, "is a folder|holds the input")):
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        with pytest.raises(Digi2RealError, match=match):
+            write_plan(target, plan)
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from digi2real.errors import ConfigError
 
@@ -154,9 +154,19 @@ class Arc2FaceConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the generator runs; auto prefers CUDA.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto",
-        description="UNet and VAE precision. auto: float16 on CUDA, float32 on CPU (bfloat16 pays off only on CPUs "
-        "with AMX). The ID encoder and the conditioning always run in float32.",
+        description="UNet and VAE precision (also fp16/half, bf16, fp32/float, as diffusers takes them). auto: float16 "
+        "on CUDA, float32 on CPU (bfloat16 pays off only on CPUs with AMX). The ID encoder and the conditioning "
+        "always run in float32.",
     )
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        from digi2real.generation.dtypes import DTYPE_ALIASES
+
+        if isinstance(value, str):
+            return DTYPE_ALIASES.get(value.strip().lower().removeprefix("torch."), value)
+        return value
 
 
 class ShiftConfig(Section):

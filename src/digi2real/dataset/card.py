@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from digi2real.errors import Digi2RealError
 from digi2real.fileio import write_text
 
 DIGIFACE_TERMS = (
@@ -30,7 +32,17 @@ def _final_rows(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _identity(row: dict) -> str:
+    """A row's identity (rows always have it; a hand-written one may hold only its key ``<identity>/<k>``)."""
+    return row["identity"] if isinstance(row.get("identity"), str) else row["key"].rsplit("/", 1)[0]
+
+
 def _quantiles(values: list[float]) -> str:
+    values = [v for v in values if _number(v)]
     if not values:
         return "n/a"
     q = np.quantile(np.asarray(values, np.float64), [0.0, 0.05, 0.5, 0.95, 1.0])
@@ -44,7 +56,7 @@ def card_stats(rows: list[dict], planned: int) -> dict:
     rejected = Counter(r["status"] for r in final.values() if r["status"] != "ok")
     attempt_reasons = Counter(r["status"] for r in rows if r["status"] != "ok")
     attempts_needed = Counter(r["attempt"] for r in ok)
-    per_identity = Counter(r["identity"] for r in ok)
+    per_identity = Counter(_identity(r) for r in ok)
     return {
         "planned": planned,
         "finished": len(final),
@@ -56,20 +68,19 @@ def card_stats(rows: list[dict], planned: int) -> dict:
         "images_per_identity": _quantiles([float(v) for v in per_identity.values()]),
         "id_similarity": _quantiles([r["id_similarity"] for r in ok if r.get("id_similarity") is not None]),
         "proto_similarity": _quantiles([r["proto_similarity"] for r in ok if r.get("proto_similarity") is not None]),
-        "detector_score": _quantiles([r["detection"]["score"] for r in ok
-                                      if r.get("detection") and r["detection"].get("score") is not None]),
+        "detector_score": _quantiles([r["detection"].get("score") for r in ok if isinstance(r.get("detection"), dict)]),
         "acceptance_rate": (len(ok) / len(final)) if final else None,
     }
 
 
 def _source_kind(record: dict) -> str:
     embeddings = record.get("embeddings")
-    if embeddings:
+    if isinstance(embeddings, str) and embeddings:
         meta = Path(embeddings) / "meta.json"
         if meta.is_file():
             try:
-                return str(json.loads(meta.read_text()).get("source", {}).get("kind", "unknown"))
-            except (ValueError, AttributeError):
+                return str(json.loads(meta.read_text()).get("source", {}).get("kind", "unknown"))[:80]
+            except (OSError, ValueError, AttributeError):
                 return "unknown"
     return "unknown"
 
@@ -168,10 +179,16 @@ def render_card(record: dict, rows: list[dict], name: str) -> str:
 
 def write_card(dataset: Path, name: str | None = None) -> Path:
     """Write ``dataset/card.md`` from its ``generation.json`` and manifests (atomically)."""
-    from digi2real.generation.runner import CARD_FILE, SETTINGS_FILE, read_rows
+    from digi2real.generation.runner import CARD_FILE, RECORD_FIX, SETTINGS_FILE, read_record, read_rows
 
-    record = json.loads((dataset / SETTINGS_FILE).read_text())
-    text = render_card(record, read_rows(dataset), name or dataset.resolve().name)
+    record = read_record(dataset, "card")
+    rows = read_rows(dataset)
+    try:
+        text = render_card(record, rows, name or dataset.resolve().name)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+        # Only a hand-edited generation.json gets here: ours always holds every setting the card quotes.
+        raise Digi2RealError(f"{dataset / SETTINGS_FILE}: corrupt ({type(exc).__name__}: {str(exc)[:80]}); "
+                             f"{RECORD_FIX}") from None
     path = dataset / CARD_FILE
     write_text(path, text)
     return path

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from digi2real.config import DEFAULT_ARC2FACE, DEFAULT_SD15
 from digi2real.errors import ConfigError, ModelError
 from digi2real.fileio import sha256_file
+from digi2real.generation.dtypes import canonical_dtype
 
 PROMPT = "photo of a id person"
 ID_WORD = "id"
@@ -104,21 +105,32 @@ def resolve_model_dir(spec: str, layout: dict[str, tuple[tuple[str, ...], ...]],
                      f"`hf download {spec} {files} --local-dir DIR` and pass {flag} DIR")
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("arc2face.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    if choice == "auto":
+def resolve_device(choice: str | torch.device) -> torch.device:
+    """``auto`` (CUDA when visible), ``cpu``, ``cuda`` or ``cuda:N``, as a string or a ``torch.device``."""
+    text = str(choice).strip()
+    if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"arc2face.device {text[:40]!r}: not a device; use auto, cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("arc2face.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return device
 
 
-def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """float16 on CUDA and float32 on CPU by default; float16 on CPU is refused (slow, and not every kernel has it)."""
-    if choice == "auto":
+def resolve_dtype(choice: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """float16 on CUDA and float32 on CPU by default; float16 on CPU is refused (slow, and not every kernel has it).
+
+    ``choice``: a ``torch.dtype`` or any name diffusers accepts (:data:`digi2real.generation.dtypes.DTYPE_ALIASES`)."""
+    name = canonical_dtype(choice)
+    if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    if choice == "float16" and device.type != "cuda":
+    if name == "float16" and device.type != "cuda":
         raise ConfigError("arc2face.dtype float16 needs CUDA; on CPU use float32 or bfloat16")
-    return getattr(torch, choice)
+    return getattr(torch, name)
 
 
 def _quiet_loaders() -> contextlib.AbstractContextManager:
@@ -238,8 +250,11 @@ class Arc2Face:
 
     @classmethod
     def from_pretrained(cls, repo: str | Path = DEFAULT_ARC2FACE, base: str | Path = DEFAULT_SD15,
-                        device: str = "auto", dtype: str = "auto") -> "Arc2Face":
-        """Load from hub ids (cached after the first download) or local directories in the hub layout."""
+                        device: str = "auto", dtype: str | torch.dtype = "auto") -> "Arc2Face":
+        """Load from hub ids (cached after the first download) or local directories in the hub layout.
+
+        ``dtype`` (UNet and VAE): a ``torch.dtype`` or its name, as diffusers takes it (``torch.float16``, "fp16",
+        "bfloat16", "auto"...)."""
         from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
         from transformers import CLIPTokenizer
 

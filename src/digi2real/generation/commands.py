@@ -6,7 +6,6 @@ Importing this module is cheap: torch, diffusers and the models load only when a
 from __future__ import annotations
 
 import argparse
-import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,20 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoder", metavar="ONNX", help="ArcFace model: local .onnx or org/repo:file.onnx "
                    "(default FoivosPar/Arc2Face:arcface.onnx, the one Arc2Face was trained with)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the generator runs (default auto)")
-    g.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"],
-                   help="UNet/VAE precision (default auto: float16 on CUDA, float32 on CPU)")
+    g.add_argument("--dtype", type=_dtype_flag, metavar="DTYPE",
+                   help="UNet/VAE precision: auto, float16 (fp16), bfloat16 (bf16), float32 (fp32) (default auto: "
+                        "float16 on CUDA, float32 on CPU)")
+
+
+def _dtype_flag(text: str) -> str:
+    """``--dtype`` in any spelling diffusers accepts, as the config's canonical name."""
+    from digi2real.errors import ConfigError
+    from digi2real.generation.dtypes import canonical_dtype
+
+    try:
+        return canonical_dtype(text, "--dtype")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,9 +88,10 @@ def _shift_parser(sub: Any) -> None:
 
 
 def _cmd_shift(args: argparse.Namespace) -> int:
-    from digi2real.generation.shift import format_gap, make_shift
+    from digi2real.generation.shift import check_shift_paths, format_gap, make_shift
 
     cfg = _load(args, {**_model_overrides(args), **_given(shift__images=args.images, shift__seed=args.seed)})
+    check_shift_paths(args.real, args.synthetic, args.output)  # before the models load
     model, encoder, detector = _load_models(cfg)
     shift = make_shift(args.real, args.synthetic, args.output, model, encoder, cfg.shift, cfg.align,
                        detector=detector, progress=not args.quiet)
@@ -142,16 +154,18 @@ def _generate_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-def _read_shift(path: Path | None, model: Any) -> Any:
+def _read_shift(path: Path | None, model: Any = None) -> Any:
+    """The realism shift at ``path`` (None: none), checked against the model's width when ``model`` is given."""
     if path is None:
         return None
     from digi2real.generation.shift import read_shift
 
-    return read_shift(path, hidden=model.hidden_size)
+    return read_shift(path, hidden=None if model is None else model.hidden_size)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from digi2real.generation.runner import FaceChecker, generate_dataset, prepare_job
+    from digi2real.generation.runner import (SETTINGS_FILE, FaceChecker, check_output, generate_dataset, load_inputs,
+                                             prepare_job, read_record)
     from digi2real.sharding import shard_from_env
 
     cfg = _load(args, {**_model_overrides(args), **_given(
@@ -160,17 +174,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         generate__shift_weight=args.shift_weight, generate__gate__min_similarity=args.min_similarity,
         generate__gate__against=args.gate_against, generate__gate__max_retries=args.max_retries)})
     shard = shard_from_env(args.shard)
-    if not args.plan.is_file():
-        from digi2real.identity.plan import read_plan
-
-        read_plan(args.plan)  # raises the one-line error that says how to make a plan
+    # Every input and the output folder are checked before the models load (minutes on a first download).
+    inputs = load_inputs(args.plan, args.embeddings)
+    check_output(args.output, [args.plan, inputs[1].root, args.shift])
+    if (args.output / SETTINGS_FILE).exists():
+        read_record(args.output, "resume")
+    shift = _read_shift(args.shift)
     model, encoder, detector = _load_models(cfg, need_detector=not args.dry_run)
-    shift = _read_shift(args.shift, model)
     checker = None if args.dry_run else FaceChecker(detector, encoder, cfg.align, cfg.generate.gate.min_similarity,
                                                     cfg.generate.gate.against)
     job, _ = prepare_job(args.plan, args.output, model=model, checker=checker, cfg=cfg.generate, align=cfg.align,
                          shift=shift, shift_path=args.shift, embeddings=args.embeddings,
-                         encoder_hash=encoder.file_hash())
+                         encoder_hash=encoder.file_hash(), inputs=inputs)
     result = generate_dataset(job, args.output, shard=shard, progress=not args.quiet, dry_run=args.dry_run,
                               shift_path=args.shift, embeddings=args.embeddings,
                               extra={"encoder": cfg.encoder.model_dump(mode="json"),
@@ -197,34 +212,74 @@ def _regenerate_parser(sub: Any) -> None:
     p.set_defaults(func=_cmd_regenerate)
 
 
-def _cmd_regenerate(args: argparse.Namespace) -> int:
-    import numpy as np
+def _record_configs(path: Path, record: dict) -> tuple[Any, Any, Any, Any]:
+    """The generate, align, Arc2Face and encoder settings recorded in ``generation.json``, validated."""
+    from pydantic import ValidationError
 
     from digi2real.config import AlignConfig, Arc2FaceConfig, EncoderConfig, GenerateConfig
     from digi2real.errors import Digi2RealError
+    from digi2real.generation.runner import RECORD_FIX
+
+    try:
+        return (GenerateConfig(**record["settings"]["generate"]), AlignConfig(**record["align_config"]),
+                Arc2FaceConfig(**record["arc2face_config"]), EncoderConfig(**record["encoder"]))
+    except (ValidationError, TypeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:100]
+        raise Digi2RealError(f"{path}: corrupt ({first}); {RECORD_FIX}") from None
+
+
+def _recorded_input(path: Path, what: str, value: str | None) -> Path | None:
+    """An input recorded in ``generation.json``, which must still be where it was for the image to be recomputed."""
+    from digi2real.errors import Digi2RealError
+
+    if not value:
+        return None
+    where = Path(value)
+    if not where.exists():
+        raise Digi2RealError(f"{path}: records the {what} {where}, which is not there any more; restore it there to "
+                             "recompute images")
+    return where
+
+
+def _cmd_regenerate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from digi2real.errors import Digi2RealError
     from digi2real.faces.arcface import ArcFaceEncoder
     from digi2real.faces.mtcnn import MTCNN
+    from digi2real.fileio import check_apart, confine
     from digi2real.generation.arc2face import Arc2Face
-    from digi2real.generation.runner import IMAGES_DIR, SETTINGS_FILE, FaceChecker, prepare_job, regenerate
+    from digi2real.generation.runner import (IMAGES_DIR, SETTINGS_FILE, FaceChecker, load_inputs, prepare_job,
+                                             read_record, regenerate)
     from digi2real.imageio import read_image, write_image
 
     path = args.dataset / SETTINGS_FILE
     if not path.is_file():
         raise Digi2RealError(f"{path}: not found; is {args.dataset} a dataset written by `digi2real generate`?")
-    record = json.loads(path.read_text())
-    gen = GenerateConfig(**record["settings"]["generate"])
-    align = AlignConfig(**record["align_config"])
-    a2f = Arc2FaceConfig(**record["arc2face_config"])
-    enc = EncoderConfig(**record["encoder"])
+    record = read_record(args.dataset, "regenerate")
+    gen, align, a2f, enc = _record_configs(path, record)
+    plan_path = _recorded_input(path, "plan", record["plan"])
+    embeddings = _recorded_input(path, "embeddings", record["embeddings"])
+    shift_path = _recorded_input(path, "realism shift", record["shift"])
+    if args.output is not None:  # the recomputed crop never lands in the dataset or on an input
+        check_apart(args.output, [args.dataset, plan_path, embeddings, shift_path])
+        if args.output.is_dir():
+            raise Digi2RealError(f"-o {args.output}: is a folder; name the image file to write, e.g. "
+                                 f"{args.output / 'again.png'}")
+    inputs = load_inputs(plan_path, embeddings)
+    keys = inputs[0].table.column("key").to_pylist()
+    if args.key not in set(keys):
+        raise Digi2RealError(f"{args.key!r} is not a key of the plan {plan_path}; keys look like {keys[0]!r} "
+                             "(the manifest's `key`)")
+    shift = _read_shift(shift_path)
     device = args.device or record["settings"]["device"]
     model = Arc2Face.from_pretrained(a2f.repo, a2f.base, device, record["settings"]["dtype"])
     encoder = ArcFaceEncoder.load(enc)
     checker = FaceChecker(MTCNN.from_package(align.detector), encoder, align, gen.gate.min_similarity,
                           gen.gate.against)
-    shift_path = Path(record["shift"]) if record.get("shift") else None
-    job, _ = prepare_job(Path(record["plan"]), args.dataset, model=model, checker=checker, cfg=gen, align=align,
-                         shift=_read_shift(shift_path, model), shift_path=shift_path,
-                         embeddings=Path(record["embeddings"]), encoder_hash=encoder.file_hash())
+    job, _ = prepare_job(plan_path, args.dataset, model=model, checker=checker, cfg=gen, align=align,
+                         shift=shift, shift_path=shift_path, embeddings=embeddings,
+                         encoder_hash=encoder.file_hash(), inputs=inputs)
     if job.settings != record["settings"]:
         raise Digi2RealError(f"{args.dataset}: its inputs changed since generation (plan, embeddings, shift or "
                              "models); the image cannot be reproduced from them")
@@ -236,8 +291,7 @@ def _cmd_regenerate(args: argparse.Namespace) -> int:
         write_image(args.output, crop)
         print(f"{args.key}: recomputed (attempt {event.attempt}, seed {event.seed}) -> {args.output}")
         return 0
-    ident, k = args.key.rsplit("/", 1)
-    stored_path = args.dataset / IMAGES_DIR / ident / f"{k}.{gen.format}"
+    stored_path = confine(args.dataset / IMAGES_DIR, f"{args.key}.{gen.format}", f"key {args.key}")
     if not stored_path.is_file():
         print(f"{args.key}: recomputed, but {stored_path} is missing; pass -o FILE to write it")
         return 1

@@ -20,7 +20,6 @@ with any image lacking a final row is recomputed whole on the next run, writing 
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -37,7 +36,7 @@ import torch
 import digi2real
 from digi2real.config import AlignConfig, GenerateConfig, settings_diff
 from digi2real.errors import ConfigError, Digi2RealError
-from digi2real.fileio import sha256_file, write_json
+from digi2real.fileio import check_apart, clean_temporaries, confine, read_json, sha256_file, write_json
 from digi2real.identity.plan import Plan, plan_latents, read_plan
 from digi2real.identity.select import prototypes
 from digi2real.identity.store import EmbeddingStore, read_store
@@ -62,6 +61,10 @@ LOW_SIMILARITY = "low_similarity"
 
 #: Rough on-disk sizes used by ``--dry-run`` (bytes): a 112 x 112 PNG / JPEG crop and a raw 512 x 512 PNG.
 DISK_BYTES = {"png": 24_000, "jpg": 5_000, "raw": 420_000}
+RECORD_FIX = ("it records how this dataset was made: restore it from a backup, or generate into a new output "
+              "folder")
+MANIFEST_FIX = ("the manifest is corrupt: restore it, or delete that line and run the same `digi2real generate` "
+                "again to redo its image")
 
 
 # ------------------------------------------------------------------------------------------------------ seeds, units
@@ -234,6 +237,7 @@ class GenerationJob:
     delta: torch.Tensor | None
     settings: dict
     units: list[np.ndarray]
+    embeddings_dir: Path | None = None
 
     _columns: dict[str, list] = field(default_factory=dict, repr=False)
 
@@ -283,16 +287,39 @@ def run_settings(plan: Plan, plan_path: Path, store: EmbeddingStore, cfg: Genera
     }
 
 
+#: The parts of ``generation.json`` each reader needs, with their types: a resumed run compares ``settings``; the
+#: card reads the settings and counts; `regenerate` rebuilds the job from the inputs and configs recorded.
+RECORD_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "resume": {"settings": dict},
+    "card": {"settings": dict, "planned_images": int},
+    "regenerate": {"settings": dict, "plan": str, "embeddings": str, "shift": (str, type(None)),
+                   "align_config": dict, "arc2face_config": dict, "encoder": dict},
+}
+SETTINGS_KEYS: dict[str, type | tuple[type, ...]] = {
+    "generate": dict, "align": dict, "arc2face": dict, "device": str, "dtype": str, "plan_sha256": str,
+    "embeddings_sha256": str, "arcface_sha256": str, "shift_sha256": (str, type(None)),
+}
+
+
+def read_record(out_dir: Path, purpose: str = "regenerate") -> dict:
+    """``generation.json`` of a dataset, refused with one line naming it and the fix when it is unreadable or lacks
+    what ``purpose`` (``resume``, ``card``, ``regenerate``) reads."""
+    path = out_dir / SETTINGS_FILE
+    record = read_json(path, fix=RECORD_FIX, keys=RECORD_KEYS[purpose])
+    if purpose != "resume":
+        settings = record["settings"]
+        for key, kind in SETTINGS_KEYS.items():
+            if not isinstance(settings.get(key), kind):
+                raise Digi2RealError(f"{path}: corrupt ('settings.{key}' missing or of the wrong type); {RECORD_FIX}")
+    return record
+
+
 def check_or_write_settings(out_dir: Path, record: dict) -> None:
     """Start a dataset, or refuse to resume one made with other settings (it would mix two kinds of images)."""
     path = out_dir / SETTINGS_FILE
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            raise Digi2RealError(f"{path}: corrupt; it records how this dataset was made, restore it or start a new "
-                                 "output folder") from None
-        diff = [f"{k} was {a!r}, now {b!r}" for k, a, b in settings_diff(old.get("settings", {}), record["settings"])]
+    if path.exists():
+        old = read_record(out_dir, "resume")
+        diff = [f"{k} was {a!r}, now {b!r}" for k, a, b in settings_diff(old["settings"], record["settings"])]
         if diff:
             raise ConfigError(f"{out_dir}: this dataset was generated with other settings ({'; '.join(diff[:3])}); "
                               "use a new output folder, or the same settings to resume")
@@ -307,20 +334,54 @@ def manifest_name(shard: Shard) -> str:
     return f"shard-{shard.index:05d}-of-{shard.count:05d}.jsonl"
 
 
+_NONE = type(None)
+_NUMBER = (int, float)
+#: Keys every manifest row has (resume reads them), and the types of the optional ones the card reads.
+ROW_KEYS: dict[str, type | tuple[type, ...]] = {"key": str, "final": bool, "status": str, "attempt": int}
+ROW_OPTIONAL: dict[str, type | tuple[type, ...]] = {
+    "identity": str, "path": (str, _NONE), "raw_path": (str, _NONE), "reason": (str, _NONE),
+    "id_similarity": (*_NUMBER, _NONE), "proto_similarity": (*_NUMBER, _NONE), "detection": (dict, _NONE),
+}
+
+
+def _row_problem(row: Any) -> str | None:
+    """Why a parsed manifest line is not a row we wrote (None when it is one)."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    for key, kind in ROW_KEYS.items():
+        value = row.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"{key!r} missing or of the wrong type"
+    if row["attempt"] < 0:
+        return "'attempt' is negative"
+    for key, kind in ROW_OPTIONAL.items():
+        if key in row and (not isinstance(row[key], kind) or isinstance(row[key], bool)):
+            return f"{key!r} of the wrong type"
+    return None
+
+
 def read_rows(out_dir: Path) -> list[dict]:
-    """Every manifest row of the dataset, all shards, in file then line order (a truncated last line is skipped)."""
+    """Every manifest row of the dataset, all shards, in file then line order (a truncated last line, as a kill
+    leaves, is skipped); a line that is not a row we wrote is refused with one line naming it."""
     rows = []
     for file in sorted((out_dir / MANIFEST_DIR).glob("*.jsonl")):
-        lines = file.read_text(encoding="utf-8").split("\n")
+        try:
+            lines = file.read_bytes().decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            raise Digi2RealError(f"{file}: not text (binary data); {MANIFEST_FIX}") from None
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: "[[[[..." nested beyond the parser
                 if n == len(lines):
                     continue
-                raise Digi2RealError(f"{file}:{n}: not a JSON row; the manifest is corrupt") from None
+                raise Digi2RealError(f"{file}:{n}: not a JSON row; {MANIFEST_FIX}") from None
+            problem = _row_problem(row)
+            if problem:
+                raise Digi2RealError(f"{file}:{n}: not a manifest row ({problem}); {MANIFEST_FIX}")
+            rows.append(row)
     return rows
 
 
@@ -410,13 +471,32 @@ class GenerateSummary:
         ]
 
 
+def embeddings_dir(plan: Plan, plan_path: Path, explicit: Path | None) -> Path:
+    """The plan's embeddings: ``explicit`` (``--embeddings``), else the directory the plan records (relative to the
+    plan file, see :func:`~digi2real.identity.plan.write_plan`)."""
+    if explicit is not None:
+        if not Path(explicit).is_dir():
+            raise Digi2RealError(f"--embeddings {explicit}: directory not found; pass the embeddings directory the "
+                                 "plan was made from (written by `digi2real embed`)")
+        return Path(explicit)
+    recorded = plan.meta.get("embeddings")
+    if not recorded:
+        raise Digi2RealError(f"{plan_path}: the plan does not say which embeddings it was made from; pass them with "
+                             "--embeddings DIR")
+    if not Path(recorded).is_dir():
+        raise Digi2RealError(f"{recorded}: the embeddings directory recorded in the plan {plan_path} is not there; "
+                             "pass its current location with --embeddings DIR")
+    return Path(recorded)
+
+
 def load_inputs(plan_path: Path, embeddings: Path | None) -> tuple[Plan, EmbeddingStore, np.ndarray, np.ndarray]:
-    """The plan, its embeddings, and each row's SLERP conditioning embedding and prototype."""
+    """The plan, its embeddings, and each row's SLERP conditioning embedding and prototype. Everything is checked
+    here, before any model loads: a bad plan or store costs a second, not a model download."""
     plan = read_plan(plan_path)
-    source = embeddings or plan.meta.get("embeddings")
-    if source is None:
-        raise Digi2RealError(f"{plan_path}: the plan does not say which embeddings it was made from; pass --embeddings")
-    store = read_store(source)
+    if len(plan) == 0:
+        raise Digi2RealError(f"{plan_path}: the plan holds no rows; re-create it with `digi2real plan` from a "
+                             "non-empty identity list")
+    store = read_store(embeddings_dir(plan, plan_path, embeddings))
     latents = plan_latents(plan, store)
     protos = prototypes(store.embeddings, store.identities)
     index = {label: i for i, label in enumerate(protos.labels)}
@@ -428,21 +508,33 @@ def final_keys(rows: list[dict]) -> set[str]:
     return {r["key"] for r in rows if r.get("final")}
 
 
-def _clean_temporaries(out_dir: Path, identities: set[str]) -> None:
-    """Remove half-written files a killed run left in this shard's identity folders (other shards own the rest)."""
-    for sub in (IMAGES_DIR, RAW_DIR):
-        for ident in identities:
-            folder = out_dir / sub / ident
-            if folder.is_dir():
-                for tmp in folder.glob(".*.tmp"):
-                    with contextlib.suppress(FileNotFoundError):
-                        tmp.unlink()
+def check_output(out_dir: Path, inputs: list[Path | None], flag: str = "-o") -> None:
+    """Refuse an output folder that overlaps an input (DESIGN "Safety"), is a file, or is an existing folder that
+    `generate` did not make (its files could be overwritten by ours): before anything is loaded or written."""
+    check_apart(out_dir, inputs, flag=flag)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise Digi2RealError(f"{flag} {out_dir}: is a file, not a dataset folder; choose a new folder")
+    if out_dir.is_dir() and not (out_dir / SETTINGS_FILE).exists():
+        # generation.json is the first thing a run writes: without it, anything but a temporary or a lock is not ours.
+        foreign = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith("."))
+        if foreign:
+            raise Digi2RealError(f"{flag} {out_dir}: an existing folder that is not a digi2real dataset (it holds "
+                                 f"{foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, and "
+                                 f"no {SETTINGS_FILE}); choose a new or empty folder")
+
+
+def _clean_temporaries(out_dir: Path, identities: list[str]) -> None:
+    """Remove what killed writers left (``generation.json`` and ``card.md`` temporaries in the root, images in this
+    shard's identity folders); a running shard's temporaries are never touched, even in a shared folder."""
+    folders = [out_dir] + [out_dir / sub / ident for sub in (IMAGES_DIR, RAW_DIR) for ident in identities]
+    clean_temporaries(folders)
 
 
 def _write_outputs(job: GenerationJob, out_dir: Path, row: dict, ev: Event) -> None:
-    write_image(out_dir / IMAGES_DIR / row["path"], ev.verdict.crop)
+    # The plan's names were checked when it was read; confining them again guards against a symbolic link too.
+    write_image(confine(out_dir / IMAGES_DIR, row["path"], f"plan {job.plan_path}"), ev.verdict.crop)
     if row["raw_path"]:
-        write_image(out_dir / row["raw_path"], ev.image)
+        write_image(confine(out_dir, row["raw_path"], f"plan {job.plan_path}"), ev.image)
 
 
 def estimate(model: "Arc2Face", cfg: GenerateConfig, n_images: int, batch: int) -> dict:
@@ -495,25 +587,31 @@ def dry_run_lines(job: GenerationJob, pending: int, shard_images: int, cfg: Gene
 
 def prepare_job(plan_path: Path, out_dir: Path | None, *, model: "Arc2Face | None", checker: FaceChecker | None,
                 cfg: GenerateConfig, align: AlignConfig, shift: "RealismShift | None", shift_path: Path | None,
-                embeddings: Path | None, encoder_hash: str) -> tuple[GenerationJob, EmbeddingStore]:
-    plan, store, latents, protos = load_inputs(plan_path, embeddings)
+                embeddings: Path | None, encoder_hash: str,
+                inputs: tuple[Plan, EmbeddingStore, np.ndarray, np.ndarray] | None = None,
+                ) -> tuple[GenerationJob, EmbeddingStore]:
+    """The job: ``inputs`` from :func:`load_inputs` when the caller checked them already (before loading models)."""
+    plan, store, latents, protos = inputs or load_inputs(plan_path, embeddings)
     delta = None
     if shift is not None and cfg.shift_weight != 0:
         delta = shift.delta
         if model is not None and tuple(delta.shape) != (77, model.hidden_size):
-            raise Digi2RealError(f"{shift_path}: the shift has shape {tuple(delta.shape)}, this Arc2Face's conditioning "
-                                 f"is 77 x {model.hidden_size}; re-create it with `digi2real shift` for this model")
+            raise Digi2RealError(f"{shift_path}: the shift has shape {tuple(delta.shape)}, this Arc2Face's "
+                                 f"conditioning is 77 x {model.hidden_size}; re-create it with `digi2real shift` for "
+                                 "this model")
     info = model.info if model is not None else {}
     device = model.device.type if model is not None else "cpu"
     dtype = str(model.dtype).replace("torch.", "") if model is not None else "float32"
     settings = run_settings(plan, plan_path, store, cfg, align, info, encoder_hash, shift, shift_path, device, dtype)
     units = work_units(plan.table.column("identity").to_pylist(), cfg.batch_size)
-    job = GenerationJob(plan, plan_path, latents, protos, cfg, align, model, checker, delta, settings, units)
+    job = GenerationJob(plan, plan_path, latents, protos, cfg, align, model, checker, delta, settings, units,
+                        store.root)
     return job, store
 
 
 def generate_dataset(job: GenerationJob, out_dir: Path, *, shard: Shard = Shard(), progress: bool = True,
-                     dry_run: bool = False, fresh: bool = False, extra: dict | None = None, shift_path: Path | None = None, embeddings: Path | None = None) -> GenerateSummary | list[str]:
+                     dry_run: bool = False, fresh: bool = False, extra: dict | None = None,
+                     shift_path: Path | None = None, embeddings: Path | None = None) -> GenerateSummary | list[str]:
     """Make (or finish) this shard's part of the dataset; write the card. ``dry_run`` returns the forecast instead
     (``fresh``: as if ``out_dir`` were empty, for a dataset about to be replaced)."""
     from tqdm.auto import tqdm
@@ -533,11 +631,15 @@ def generate_dataset(job: GenerationJob, out_dir: Path, *, shard: Shard = Shard(
         timing = estimate(job.model, job.cfg, pending, job.cfg.batch_size) if job.model is not None else None
         return dry_run_lines(job, pending, shard_images, job.cfg, timing)
 
+    source = Path(embeddings or job.embeddings_dir or job.plan.meta.get("embeddings"))
+    check_output(out_dir, [job.plan_path, source, shift_path if job.delta is not None else None])
     out_dir.mkdir(parents=True, exist_ok=True)
+    idents = job.column("identity")
+    _clean_temporaries(out_dir, list(dict.fromkeys(idents[r] for _, u in mine for r in u)))
     record = {
         "settings": job.settings,
         "plan": str(job.plan_path.resolve()),
-        "embeddings": str(Path(embeddings or job.plan.meta.get("embeddings")).resolve()),
+        "embeddings": str(source.resolve()),
         "shift": str(shift_path.resolve()) if shift_path and job.delta is not None else None,
         "planned_images": len(job.plan),
         "identities": len(set(job.column("identity"))),
@@ -549,8 +651,6 @@ def generate_dataset(job: GenerationJob, out_dir: Path, *, shard: Shard = Shard(
     }
     check_or_write_settings(out_dir, record)
     recorded = {(r["key"], r["attempt"]) for r in rows}
-    idents = job.column("identity")
-    _clean_temporaries(out_dir, {idents[r] for _, u in todo for r in u})
     writer = ManifestWriter(out_dir / MANIFEST_DIR / manifest_name(shard))
     written = rejected = retried = 0
     bar = tqdm(total=shard_images, initial=already, unit="img", desc=f"generate {shard}", disable=not progress,

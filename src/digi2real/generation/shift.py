@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from digi2real.errors import BadImageError, Digi2RealError
-from digi2real.fileio import atomic_path
+from digi2real.fileio import atomic_path, check_apart
 from digi2real.imageio import IMAGE_SUFFIXES, read_image
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -376,11 +376,27 @@ def read_shift(path: Path, hidden: int | None = None) -> RealismShift:
 # ------------------------------------------------------------------------------------------------------------ stage
 
 
+def check_shift_paths(real: Path, synthetic: Path, output: Path) -> None:
+    """Refuse, before anything loads, a side that is not a folder and an output that overlaps an input or is a
+    folder (DESIGN "Safety": the shift and its features file never land in, or replace, an input)."""
+    for flag, side in (("--real", real), ("--synthetic", synthetic)):
+        if not Path(side).is_dir():
+            raise Digi2RealError(f"{flag} {side}: folder not found; pass a folder of face images or an embeddings "
+                                 "directory made by `digi2real embed`")
+    output = Path(output)
+    for target in (output, features_path(output)):
+        check_apart(target, [real, synthetic])
+        if target.is_dir():
+            raise Digi2RealError(f"-o {output}: {target} is a folder; name the file to write, e.g. "
+                                 f"{output / 'shift.safetensors'}")
+
+
 def make_shift(real: Path, synthetic: Path, output: Path, model: "Arc2Face", encoder: "ArcFaceEncoder",
                cfg: "ShiftConfig", align_cfg: "AlignConfig", detector: "MTCNN | None" = None,
                progress: bool = True) -> RealismShift:
     """The ``shift`` stage: embeddings of ``cfg.images`` real and synthetic images (seed ``cfg.seed``), ``Delta``,
     its provenance (both sides' collection reports, the ArcFace file hash), written to ``output``."""
+    check_shift_paths(Path(real), Path(synthetic), Path(output))
     real_emb, real_report = identity_embeddings(Path(real), cfg.images, cfg.seed, encoder, align_cfg, detector,
                                                 progress)
     syn_emb, syn_report = identity_embeddings(Path(synthetic), cfg.images, cfg.seed, encoder, align_cfg, detector,
