@@ -273,9 +273,9 @@ class _Hub:
 
     def unreachable(self) -> str | None:
         if self._reason is False:
-            from digi2real.faces.arcface import _endpoint_unreachable
+            from digi2real.faces.arcface import hub_unreachable
 
-            self._reason = _endpoint_unreachable()
+            self._reason = hub_unreachable()
         return self._reason  # type: ignore[return-value]
 
 
@@ -283,7 +283,7 @@ def _cached_snapshot(repo: str, layout: dict[str, tuple[tuple[str, ...], ...]]) 
     """The cached snapshot folder of ``repo`` (read only: never downloads or writes) and the layout files it lacks."""
     from huggingface_hub import try_to_load_from_cache
 
-    from digi2real.generation.arc2face import _missing
+    from digi2real.generation.arc2face import missing_files
 
     sub, groups = next(iter(layout.items()))
     probe = f"{sub}/{groups[0][0]}"
@@ -294,29 +294,22 @@ def _cached_snapshot(repo: str, layout: dict[str, tuple[tuple[str, ...], ...]]) 
     if not isinstance(hit, str):
         return None, [f"{s}/{g[0]}" for s, gs in layout.items() for g in gs]
     root = Path(hit).parents[len(Path(probe).parts) - 1]
-    return root, _missing(root, layout)
-
-
-def _is_local_spec(spec: str) -> bool:
-    """The rule `Arc2Face.from_pretrained` applies (generation/arc2face.py): a directory, or anything that is not an
-    ``org/name`` hub id, is a local directory."""
-    local = Path(spec).expanduser()
-    return local.is_dir() or local.is_absolute() or spec.startswith((".", "~")) or spec.count("/") != 1
+    return root, missing_files(root, layout)
 
 
 def check_model_dir(name: str, spec: str, hub_repo: str, layout: dict, patterns: list[str], hub: _Hub,
                     stages: tuple[str, ...]) -> Check:
     """A generator part (``arc2face.repo`` or ``arc2face.base``): a local directory in the hub layout, or a hub repo
     in the cache; else how to get it (and its size when known)."""
-    from digi2real.generation.arc2face import _missing
+    from digi2real.generation.arc2face import is_local_spec, missing_files
 
     files = _quote(patterns)
-    if _is_local_spec(spec):
+    if is_local_spec(spec):
         local = Path(spec).expanduser()
         fix = f"fetch it in the hub layout: `hf download {hub_repo} {files} --local-dir {local}`"
         if not local.is_dir():
             return Check(name, MISSING, f"{spec}: model directory not found", fix, stages)
-        lacks = _missing(local, layout)
+        lacks = missing_files(local, layout)
         if lacks:
             return Check(name, MISSING, f"{local}: lacks {', '.join(lacks)}", fix, stages)
         return Check(name, OK, f"{local}: local directory", stages=stages)

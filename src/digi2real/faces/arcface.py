@@ -33,7 +33,7 @@ def resolve_model_file(spec: str) -> Path:
     raise ModelError(f"{spec}: encoder model file not found; pass the path of an ArcFace .onnx file with --encoder")
 
 
-def _endpoint_unreachable() -> str | None:
+def hub_unreachable() -> str | None:
     """Why the hub cannot be reached, found in milliseconds (DNS), instead of after the client's long retries."""
     import socket
     from urllib.parse import urlparse
@@ -60,7 +60,7 @@ def hub_file(repo: str, filename: str, flag: str) -> Path:
         return Path(hf_hub_download(repo_id=repo, filename=filename, local_files_only=True))
     except Exception:  # not cached yet
         pass
-    reason = _endpoint_unreachable()
+    reason = hub_unreachable()
     if reason is None:
         try:
             return Path(hf_hub_download(repo_id=repo, filename=filename))

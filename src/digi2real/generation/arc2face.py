@@ -52,13 +52,21 @@ _REVISION = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
 # --------------------------------------------------------------------------------------------------------- loading
 
 
-def _missing(root: Path, layout: dict[str, tuple[tuple[str, ...], ...]]) -> list[str]:
+def missing_files(root: Path, layout: dict[str, tuple[tuple[str, ...], ...]]) -> list[str]:
+    """The files of the hub ``layout`` (``{subfolder: ((one of these names), ...)}``) that ``root`` lacks."""
     out = []
     for sub, groups in layout.items():
         for names in groups:
             if not any((root / sub / n).is_file() for n in names):
                 out.append(f"{sub}/{names[0]}")
     return out
+
+
+def is_local_spec(spec: str) -> bool:
+    """A model spec names a local directory when it is one, or is absolute, relative (``.``/``~``) or anything but an
+    ``org/name`` hub id."""
+    local = Path(spec).expanduser()
+    return local.is_dir() or local.is_absolute() or spec.startswith((".", "~")) or spec.count("/") != 1
 
 
 def resolve_model_dir(spec: str, layout: dict[str, tuple[tuple[str, ...], ...]], patterns: list[str],
@@ -69,11 +77,11 @@ def resolve_model_dir(spec: str, layout: dict[str, tuple[tuple[str, ...], ...]],
     """
     local = Path(spec).expanduser()
     files = " ".join(f"'{p}'" for p in patterns)
-    if local.is_dir() or local.is_absolute() or spec.startswith((".", "~")) or spec.count("/") != 1:
+    if is_local_spec(spec):
         if not local.is_dir():
             raise ModelError(f"{spec}: model directory not found; pass a directory in the hub layout "
                              f"({', '.join(layout)}/) with {flag}")
-        missing = _missing(local, layout)
+        missing = missing_files(local, layout)
         if missing:
             raise ModelError(f"{local}: missing {', '.join(missing)}; fetch them in the hub layout with "
                              f"`hf download {hub_repo} {files} --local-dir {local}`")
@@ -81,19 +89,19 @@ def resolve_model_dir(spec: str, layout: dict[str, tuple[tuple[str, ...], ...]],
 
     from huggingface_hub import snapshot_download
 
-    from digi2real.faces.arcface import _endpoint_unreachable
+    from digi2real.faces.arcface import hub_unreachable
 
     reason = "not in the local hub cache"
     with contextlib.suppress(Exception):
         cached = Path(snapshot_download(spec, allow_patterns=patterns, local_files_only=True))
-        if not _missing(cached, layout):
+        if not missing_files(cached, layout):
             return cached
-        reason = f"the cached copy lacks {', '.join(_missing(cached, layout))}"
-    offline = _endpoint_unreachable()
+        reason = f"the cached copy lacks {', '.join(missing_files(cached, layout))}"
+    offline = hub_unreachable()
     if offline is None:
         try:
             root = Path(snapshot_download(spec, allow_patterns=patterns))
-            missing = _missing(root, layout)
+            missing = missing_files(root, layout)
             if not missing:
                 return root
             reason = f"the repo has no {', '.join(missing)}"
