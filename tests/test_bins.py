@@ -117,7 +117,8 @@ def test_raw_global_os_system_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
     with pytest.raises(Digi2RealError) as info:
         read_bin(path)
-    assert str(info.value) == f"refusing to load {path}: the pickle references os.system, not a benchmark .bin"
+    expected = f"refusing to load {path}: the pickle references os.system, not a benchmark .bin;"
+    assert str(info.value).startswith(expected)
     assert not marker.exists()
 
 
@@ -204,8 +205,13 @@ def test_decode_pairs_resizes_and_reports_bad_images() -> None:
     assert (arr[1] == 77).all()
     assert abs(int(arr[2].mean()) - 10) <= 2
     assert decode_pairs([_png(rgb)] * 2, size=64).shape == (2, 64, 64, 3)
-    with pytest.raises(BadImageError, match=r"lfw\.bin\[1\]"):
+    with pytest.raises(BadImageError, match=r"lfw\.bin: image 1 \(pair 0\)"):
         decode_pairs([_png(rgb), b"garbage"], name="lfw.bin")
+    # the index is the image's in the whole .bin, when it is decoded in chunks
+    with pytest.raises(BadImageError, match=r"lfw\.bin: image 2049 \(pair 1024\)"):
+        decode_pairs([_png(rgb), b"garbage"], name="lfw.bin", first=2048)
+    with pytest.raises(BadImageError, match=r"^b\.png: "):
+        decode_pairs([_png(rgb), b"garbage"], names=["a.png", "b.png"])
 
 
 def _folder(tmp_path: Path) -> Path:
@@ -248,3 +254,81 @@ def test_pairs_folder_missing_files(tmp_path: Path) -> None:
         read_pairs_folder(root, tmp_path / "missing.txt")
     with pytest.raises(Digi2RealError, match=r"nowhere: benchmark image folder not found"):
         read_pairs_folder(tmp_path / "nowhere", tmp_path / "missing.txt")
+
+
+# ------------------------------------------------------------------------------- numpy booleans in issame (issue 11)
+
+_PY2_NUMPY_TRUE = (b"cnumpy.core.multiarray\nscalar\nq\x00cnumpy\ndtype\nq\x01U\x02b1q\x02K\x00K\x01\x87q\x03Rq\x04"
+                   b"(K\x03U\x01|q\x05NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tq\x06b")
+
+
+def _as_numpy1(data: bytes) -> bytes:
+    """A numpy 2 pickle rewritten as numpy 1.x writes it (``numpy.core`` instead of ``numpy._core``)."""
+    new = data.replace(b"cnumpy._core.multiarray\nscalar\n", b"cnumpy.core.multiarray\nscalar\n")
+    new = new.replace(b"\x8c\x16numpy._core.multiarray", b"\x8c\x15numpy.core.multiarray")
+    if new[2:3] == b"\x95":  # protocol 4+: one frame holding the rest; its length shrank with the name
+        new = new[:3] + struct.pack("<Q", len(new) - 11) + new[11:]
+    assert new != data
+    return new
+
+
+def _py2_numpy_bool_pickle(images: list[bytes], issame: list[bool]) -> bytes:
+    """Python 2 + numpy 1.x, protocol 2: images as py2 str, each label a pickled numpy.bool_."""
+    out = bytearray(b"\x80\x02]q\x00(")
+    for blob in images:
+        out += b"T" + struct.pack("<i", len(blob)) + blob if len(blob) > 255 else b"U" + bytes([len(blob)]) + blob
+    out += b"e]q\x01("
+    for v in issame:
+        out += _PY2_NUMPY_TRUE + (b"U\x01\x01" if v else b"U\x01\x00") + b"\x86R"
+    out += b"e\x86q\x02."
+    return bytes(out)
+
+
+@pytest.mark.parametrize("form", ["p0", "p2", "p4", "p5", "numpy1-p2", "numpy1-p4", "py2"])
+def test_numpy_bool_labels_load_and_evaluate(tmp_path: Path, images: list[bytes], form: str) -> None:
+    """Issue 11: issame as numpy.bool_ values (numpy 1.x or 2, Python 2 or 3) loads, as _as_labels accepts them."""
+    labels = [np.bool_(v) for v in ISSAME]
+    if form == "py2":
+        data = _py2_numpy_bool_pickle(images, ISSAME)
+    else:
+        data = pickle.dumps((images, labels), protocol=int(form[-1]))
+        data = _as_numpy1(data) if form.startswith("numpy1") else data
+    path = tmp_path / "np_bool.bin"
+    path.write_bytes(data)
+    got, issame = read_bin(path)
+    assert got == images and issame.dtype == bool and issame.tolist() == ISSAME
+    from digi2real.evaluation.verification import evaluate_verification
+
+    pixels = decode_pairs(got).reshape(len(got), -1).astype(np.float64)
+    result = evaluate_verification(pixels, issame, folds=3)
+    assert result.pairs == 3 and 0.0 <= result.accuracy <= 1.0
+
+
+@pytest.mark.parametrize(
+    "payload, named",
+    [
+        # numpy.scalar with an object dtype would hand back whatever the stream built
+        (b"cnumpy._core.multiarray\nscalar\n(cnumpy\ndtype\n(VO8\nI0\nI1\ntRVx\ntR.", "dtype object"),
+        (b"cnumpy.core.multiarray\nscalar\n(cnumpy\ndtype\n(Vf8\nI0\nI1\ntRC\x08\x00\x00\x00\x00\x00\x00\xf0?tR.",
+         "dtype float64"),
+        (b"cnumpy._core.multiarray\nscalar\n(cnumpy\ndtype\n(Vb1\nI0\nI1\ntRC\x01\x07tR.", "not one byte 0 or 1"),
+        (b"cnumpy._core.multiarray\nscalar\n(Vb1\nC\x01\x01tR.", "dtype b1"),  # not a dtype object at all
+        (b"cnumpy._core.multiarray\nscalar\n(cos\nsystem\nVtrue\ntR.", "os.system"),
+        (b"cnumpy._core.multiarray\nfromstring\n(C\x01\x01Vb1\ntR.", "numpy._core.multiarray.fromstring"),
+    ],
+)
+def test_numpy_scalar_allowed_only_as_boolean(tmp_path: Path, payload: bytes, named: str) -> None:
+    path = tmp_path / "s.bin"
+    path.write_bytes(payload)
+    with pytest.raises(Digi2RealError, match="refusing to load") as info:
+        read_bin(path)
+    assert named in str(info.value)
+
+
+def test_code_payload_beside_numpy_bools_is_refused(tmp_path: Path, images: list[bytes]) -> None:
+    marker = tmp_path / "pwned3"
+    path = tmp_path / "evil.bin"
+    path.write_bytes(pickle.dumps((images, [np.bool_(True), _evil(marker), np.bool_(False)]), protocol=2))
+    with pytest.raises(Digi2RealError, match=r"refusing to load .*evil\.bin: the pickle references (os|posix)\.system"):
+        read_bin(path)
+    assert not marker.exists()

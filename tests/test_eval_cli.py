@@ -204,12 +204,14 @@ def test_cli_errors(fixtures, tmp_path) -> None:
     with pytest.raises(Digi2RealError, match="benchmark data directory not found"):
         _run(["eval", str(fixtures["model"]), "--data-root", str(tmp_path / "nope"), "-o", str(tmp_path)])
     with pytest.raises(Digi2RealError, match="none of the requested benchmarks"):
-        _run(["eval", str(fixtures["model"]), "--data-root", str(tmp_path), "-o", str(tmp_path / "o"), "-q",
+        _run(["eval", str(fixtures["model"]), "--data-root", str(fixtures["data"]), "-o", str(tmp_path / "o"), "-q",
               "--benchmarks", "agedb_30", "--device", "cpu"])
+    assert not (tmp_path / "o").exists()  # refused before anything was made
     with pytest.raises(SystemExit):
         _parser().parse_args(["eval", "m.pth", "--data-root", ".", "-o", "x", "--benchmarks", "lfw,mnist"])
+    (tmp_path / "empty").mkdir()
     with pytest.raises(Digi2RealError, match="results.json"):
-        _run(["compare", str(tmp_path), "-o", str(tmp_path / "c")])
+        _run(["compare", str(tmp_path / "empty"), "-o", str(tmp_path / "c")])
 
 
 def test_set_and_config_overrides(tmp_path) -> None:
@@ -254,14 +256,15 @@ def test_tables_layout_without_rfw() -> None:
 def test_folder_of_images_with_a_pairs_file(fixtures, tmp_path, capsys) -> None:
     """--pairs NAME=FILE scores image files listed in a pairs file exactly like the same pairs packed in a .bin."""
     images, issame = read_bin(fixtures["data"] / "lfw.bin")
+    base, tmp_path = tmp_path, tmp_path / "set"  # the pairs set's folder is an input: results go beside it
     lines = []
     for i, same in enumerate(issame):
         for j in (0, 1):
-            (tmp_path / "imgs" / f"{i}_{j}.png").parent.mkdir(exist_ok=True)
+            (tmp_path / "imgs" / f"{i}_{j}.png").parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / "imgs" / f"{i}_{j}.png").write_bytes(images[2 * i + j])
         lines.append(f"imgs/{i}_0.png imgs/{i}_1.png {int(same)}")
     (tmp_path / "pairs.txt").write_text("# a custom set\n" + "\n".join(lines) + "\n")
-    out = tmp_path / "res"
+    out = base / "res"
     rc = _run(["eval", str(fixtures["model"]), "--pairs", f"mine={tmp_path / 'pairs.txt'}", "-o", str(out), "-q",
                "--device", "cpu"])
     assert rc == 0
@@ -280,3 +283,52 @@ def test_folder_of_images_with_a_pairs_file(fixtures, tmp_path, capsys) -> None:
         _run(["eval", str(fixtures["model"]), "--pairs", "nofile", "-o", str(out)])
     with pytest.raises(Digi2RealError, match="nothing to evaluate"):
         _run(["eval", str(fixtures["model"]), "-o", str(out)])
+
+
+def _main_fails(argv: list[str], capsys) -> str:
+    """`digi2real ...` must exit 2 with exactly one stderr line; returns it."""
+    from digi2real.cli import main
+
+    capsys.readouterr()
+    rc = main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("digi2real: error: "), (rc, err)
+    return err[0]
+
+
+@pytest.mark.parametrize("yaml_text, needles", [
+    ("evall:\n  folds: 5\n", ["evall", "unknown key"]),  # a misspelt section silently gave the defaults
+    ("eval:\n  fold: 5\n", ["eval.fold", "unknown key"]),
+    ("eval:\n  ijb_far: [.nan, 2, -1]\n", ["eval.ijb_far", "finite"]),
+    ("eval:\n  ijb_far: [2]\n", ["eval.ijb_far", "less than or equal to 1"]),
+    ("eval:\n  folds: 5\n  folds: 6\n", ["folds"]),
+])
+def test_eval_config_mistakes_are_refused(fixtures, tmp_path, capsys, yaml_text, needles) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml_text)
+    line = _main_fails(["eval", str(fixtures["model"]), "--data-root", str(fixtures["data"]), "-o",
+                        str(tmp_path / "out"), "--config", str(cfg), "-q"], capsys)
+    assert str(cfg) in line or "eval." in line
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting, needle", [("eval.ijb_far=[nan]", "finite"), ("eval.ijb_far=[-1]", "ijb_far"),
+                                             ("eval.ijb_chunk_pairs=0", "ijb_chunk_pairs"),
+                                             ("eval.folds=1", "folds"), ("eval.evall=3", "evall")])
+def test_eval_set_mistakes_are_refused(fixtures, tmp_path, capsys, setting, needle) -> None:
+    line = _main_fails(["eval", str(fixtures["model"]), "--data-root", str(fixtures["data"]), "-o",
+                        str(tmp_path / "out"), "--set", setting, "-q"], capsys)
+    assert needle in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_takes_data_root_from_the_config(fixtures, tmp_path, capsys) -> None:
+    """`eval --config` reads eval.data_root as `run` does (it used to demand --data-root)."""
+    from digi2real.cli import main
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"eval:\n  data_root: {fixtures['data']}\n  benchmarks: [lfw]\n  device: cpu\n")
+    assert main(["eval", str(fixtures["model"]), "-o", str(tmp_path / "out"), "--config", str(cfg), "-q"]) == 0
+    assert set(json.loads((tmp_path / "out" / "results.json").read_text())["verification"]) == {"lfw"}

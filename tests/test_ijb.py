@@ -216,3 +216,85 @@ def test_score_pairs_large_ids_and_duplicates():
         score_pairs(feats, ids, np.array([7]), ids[:1])
     with pytest.raises(ValueError, match="duplicates"):
         score_pairs(feats, np.array([1, 2, 3, 3, 5, 0]), np.array([1]), np.array([2]))
+
+
+
+def _tied_protocol(seed: int = 3, dim: int = 512):
+    """Image features, templates and pairs in which every score belongs to a group of exactly tied scores.
+
+    50 enrolment templates exist twice and 30 probe templates three times (the same images, media and faceness under
+    other template ids), every enrolment copy is paired with every probe copy, a third of the pairs are listed
+    probe-first, and a few extra pairs are scattered: each (enrolment, probe) score must come out exactly equal six
+    times, as insightface's per-pair ``np.sum(f1 * f2, -1)`` gives. Returns the protocol and each pair's tie group.
+    """
+    rng = np.random.default_rng(seed)
+    n_enrol, n_probe, enrol_copies, probe_copies = 50, 30, 2, 3
+    enrol = rng.standard_normal((n_enrol, 3, dim)).astype(np.float32)  # 3 images (2 media) per enrolment template
+    probe = rng.standard_normal((n_probe, dim)).astype(np.float32)
+    feats, templates, medias, face = [], [], [], []
+    for c in range(enrol_copies):
+        for g in range(n_enrol):
+            feats.append(enrol[g])
+            templates += [1 + c * n_enrol + g] * 3
+            medias += [10 * g, 10 * g, 10 * g + 1]
+            face += [0.9, 0.7, 0.8]
+    for c in range(probe_copies):
+        feats.append(probe)
+        templates += (10_000 + c * n_probe + np.arange(n_probe)).tolist()
+        medias += (500_000 + np.arange(n_probe)).tolist()
+        face += [1.0] * n_probe
+    e = np.arange(enrol_copies * n_enrol)
+    p = np.arange(probe_copies * n_probe)
+    eg, pg = (x.ravel() for x in np.meshgrid(e, p, indexing="ij"))
+    p1, p2 = 1 + eg, 10_000 + pg
+    group = (eg % n_enrol) * n_probe + pg % n_probe
+    flip = rng.random(p1.size) < 1 / 3
+    p1, p2 = np.where(flip, p2, p1), np.where(flip, p1, p2)
+    order = rng.permutation(p1.size)
+    labels = (group % 2 == 0)[order]
+    return (np.concatenate(feats), np.asarray(face), np.asarray(templates), np.asarray(medias), p1[order], p2[order],
+            labels, group[order])
+
+
+def test_scores_and_tars_do_not_depend_on_chunking():
+    """Issue 11: exactly tied scores were split, and scores changed, with the pair chunk (float64 GEMM blocks of
+    other shapes round differently). Every score is now insightface's per-pair sum, whatever the chunk."""
+    feats, face, templates, medias, p1, p2, labels, group = _tied_protocol()
+    ids, tf = template_features(feats, face, templates, medias, use_faceness=True)
+    far = [1e-3, 1e-2, 1e-1, 0.5]
+    scores, results = {}, {}
+    for chunk in (1, 7, 300, 4096, 65_536, 2_000_000):
+        scores[chunk] = score_pairs(tf, ids, p1, p2, chunk=chunk)
+        res = evaluate_ijb(feats, face, templates, medias, p1, p2, labels, far_targets=far, chunk=chunk)
+        results[chunk] = (res.tar_at_far, res.fpr.tobytes(), res.tpr.tobytes(), res.roc_size)
+    reference = scores[2_000_000]
+    for workers in (1, 3):
+        scores[f"{workers} workers"] = score_pairs(tf, ids, p1, p2, chunk=5000, workers=workers)
+    for chunk, got in scores.items():
+        assert got.tobytes() == reference.tobytes(), f"scores at chunk {chunk} differ from those at the default"
+    for chunk, got in results.items():
+        assert got == results[2_000_000], f"TARs or ROC at chunk {chunk} differ from the default's"
+    # The ties stay ties: one distinct score per tie group (6 pairs each).
+    lo = np.full(group.max() + 1, np.inf)
+    hi = np.full(group.max() + 1, -np.inf)
+    np.minimum.at(lo, group, reference)
+    np.maximum.at(hi, group, reference)
+    assert np.count_nonzero(lo != hi) == 0, f"{np.count_nonzero(lo != hi)} of {lo.size} tie groups split"
+    # And each score is insightface's (eval_ijbc.py verification(): np.sum(feat1 * feat2, -1) on gathered rows).
+    rows = np.searchsorted(ids, p1), np.searchsorted(ids, p2)
+    insightface = np.sum(tf[rows[0]][:, None] * tf[rows[1]][:, None], -1).ravel()
+    assert reference.tobytes() == insightface.tobytes()
+
+
+@pytest.mark.parametrize("dim, dtype", [(512, np.float64), (7, np.float64), (130, np.float32), (1, np.float64)])
+def test_score_pairs_is_insightface_sum_bit_for_bit(dim, dtype):
+    """Each score equals insightface's np.sum(feat1 * feat2, -1) exactly, at any batch size and feature width."""
+    rng = np.random.default_rng(dim)
+    feats = rng.standard_normal((40, dim)).astype(dtype)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    ids = np.arange(40) * 7
+    a, b = rng.integers(0, 40, 500), rng.integers(0, 40, 500)
+    expected = np.sum(feats[a][:, None] * feats[b][:, None], -1).ravel()
+    for chunk in (1, 2 * dim * 3, 10**9):
+        got = score_pairs(feats, ids, ids[a], ids[b], chunk=chunk)
+        assert got.dtype == dtype and got.tobytes() == expected.tobytes(), chunk

@@ -241,7 +241,8 @@ class EvalConfig(Section):
         default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], min_length=1,
         description="IJB: false accept rates at which TAR is reported (the paper reports 1e-4).",
     )
-    ijb_chunk_pairs: int = Field(2_000_000, gt=0, description="IJB: template pairs scored at once (memory bound).")
+    ijb_chunk_pairs: int = Field(2_000_000, gt=0, description="IJB: template pairs whose features are gathered at "
+                                 "once (memory bound); never changes a score.")
 
 
 class DataConfig(Section):

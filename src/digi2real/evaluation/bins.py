@@ -15,6 +15,10 @@ called. What is allowed, and why:
   ``numpy.ndarray``), ``numpy.ndarray``, ``numpy.dtype``, and ``numpy.core.numeric._frombuffer`` /
   ``numpy._core.numeric._frombuffer`` (how numpy pickles arrays at protocol 5). The loaded structure is checked
   afterwards: an image array must be 1-D ``uint8``, a label array must be boolean.
+* numpy booleans, because some ``.bin`` files keep ``issame`` as a list of ``numpy.bool_``: numpy pickles each as
+  ``numpy.core.multiarray.scalar(dtype, raw_bytes)`` (numpy 1.x; ``numpy._core.multiarray.scalar`` in numpy 2).
+  That global is replaced by a wrapper that builds only a ``numpy.bool_`` from a boolean dtype and one byte 0 or 1,
+  and refuses any other dtype (an object dtype would hand back whatever the stream built).
 
 The folder layout (:func:`read_pairs_folder`) is for benchmarks that are not shipped as ``.bin``: a root folder of
 images and a text file whose lines are ``path_a path_b label``.
@@ -39,6 +43,7 @@ from digi2real.imageio import decode_image
 
 __all__ = ["decode_pairs", "read_bin", "read_pairs_folder", "write_bin"]
 
+_REPLACE = "the file is damaged or not a benchmark: download it again (insightface's .bin files)"
 # Protocol 4: readable by every Python 3 since 3.4 and writes bytes with opcodes only (no ``_codecs`` global).
 WRITE_PROTOCOL = 4
 
@@ -93,6 +98,15 @@ def _safe_frombuffer(buf: object, dtype: object, shape: object, order: object) -
     return _numpy_attr(("numpy._core.numeric", "numpy.core.numeric"), "_frombuffer")(buf, dtype, shape, order)
 
 
+def _safe_scalar(dtype: object, data: object = None) -> np.bool_:
+    """numpy's ``multiarray.scalar``, restricted to rebuilding a ``numpy.bool_`` (how numpy pickles one)."""
+    if not isinstance(dtype, np.dtype) or dtype != np.dtype(np.bool_):
+        raise _RefusedGlobal(f"numpy scalar of dtype {dtype!s:.40} (only numpy booleans are allowed)")
+    if not isinstance(data, (bytes, bytearray)) or bytes(data) not in (b"\x00", b"\x01"):
+        raise _RefusedGlobal("numpy boolean scalar whose value is not one byte 0 or 1")
+    return np.bool_(bytes(data) == b"\x01")
+
+
 def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any] | type]:
     # Built per call rather than kept as a module-level table, so nothing global can be mutated to widen it.
     return {
@@ -103,6 +117,8 @@ def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any] | type]:
         ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
         ("numpy.core.numeric", "_frombuffer"): _safe_frombuffer,
         ("numpy._core.numeric", "_frombuffer"): _safe_frombuffer,
+        ("numpy.core.multiarray", "scalar"): _safe_scalar,
+        ("numpy._core.multiarray", "scalar"): _safe_scalar,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
     }
@@ -173,6 +189,8 @@ def read_bin(path: str | os.PathLike[str]) -> tuple[list[bytes], np.ndarray]:
     as ``os.system``, is refused with :class:`Digi2RealError` before anything it names is called.
     """
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # a FIFO or device would block or never end
+        raise Digi2RealError(f"{path}: not a regular file; pass the benchmark .bin file itself")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -180,16 +198,26 @@ def read_bin(path: str | os.PathLike[str]) -> tuple[list[bytes], np.ndarray]:
     except IsADirectoryError:
         raise Digi2RealError(f"{path}: is a directory, expected a benchmark .bin file") from None
     except OSError as exc:
-        raise Digi2RealError(f"{path}: cannot be read ({exc.strerror})") from None
+        raise Digi2RealError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
     try:
         obj = _BinUnpickler(io.BytesIO(data)).load()
     except _RefusedGlobal as exc:
         raise Digi2RealError(
-            f"refusing to load {path}: the pickle references {exc.name}, not a benchmark .bin"
+            f"refusing to load {path}: the pickle references {exc.name}, not a benchmark .bin; {_REPLACE}"
         ) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            UnicodeDecodeError, OverflowError, MemoryError) as exc:
-        raise Digi2RealError(f"{path}: not a readable benchmark .bin pickle ({type(exc).__name__}: {exc})") from None
+            UnicodeDecodeError, OverflowError, MemoryError, RecursionError) as exc:
+        detail = " ".join(str(exc).split())[:120]
+        raise Digi2RealError(f"{path}: not a readable benchmark .bin pickle ({type(exc).__name__}: {detail}); "
+                             f"{_REPLACE}") from None
+    try:
+        return _check_structure(obj, path)
+    except Digi2RealError as exc:
+        raise Digi2RealError(f"{exc}; {_REPLACE}") from None
+
+
+def _check_structure(obj: object, path: Path) -> tuple[list[bytes], np.ndarray]:
+    """The (images, labels) of an unpickled .bin, checked to be 2N encoded images and N booleans."""
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise Digi2RealError(
             f"{path}: a benchmark .bin must hold a pair (images, issame); found a {type(obj).__name__}"
@@ -224,15 +252,19 @@ def write_bin(path: str | os.PathLike[str], images: Sequence[bytes], issame: Seq
         pickle.dump((blobs, labels), handle, protocol=WRITE_PROTOCOL)
 
 
-def decode_pairs(images: Sequence[bytes], size: int = 112, name: str = "bin") -> np.ndarray:
+def decode_pairs(images: Sequence[bytes], size: int = 112, name: str = "bin", first: int = 0,
+                 names: Sequence[str] | None = None) -> np.ndarray:
     """Decode 2N encoded images into a (2N, size, size, 3) uint8 RGB array.
 
     An image that is not ``size`` x ``size`` is resized with PIL bilinear, as insightface's ``load_bin`` does.
-    ``name`` (e.g. the .bin path) prefixes error messages: ``name[i]`` identifies the bad image.
+    Errors name the bad image: ``"<name>: image <first + i> (pair <k>)"`` (``name`` is e.g. the .bin path and
+    ``first`` the index of ``images[0]`` in it), or ``names[i]`` when the images came from files of those names.
     """
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, blob in enumerate(images):
-        rgb = decode_image(blob, f"{name}[{i}]")
+        index = first + i
+        label = names[i] if names is not None else f"{name}: image {index} (pair {index // 2})"
+        rgb = decode_image(blob, label)
         if rgb.shape[0] != size or rgb.shape[1] != size:
             rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
         out[i] = rgb
@@ -253,6 +285,8 @@ def read_pairs_folder(
     pairs_file = Path(pairs_file)
     if not root.is_dir():
         raise Digi2RealError(f"{root}: benchmark image folder not found")
+    if pairs_file.exists() and not pairs_file.is_file():
+        raise Digi2RealError(f"{pairs_file}: not a regular file; pass the pairs text file itself")
     try:
         text = pairs_file.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -278,7 +312,8 @@ def read_pairs_folder(
         for rel in (a, b):
             full = root / rel
             if not full.is_file():
-                raise Digi2RealError(f"{pairs_file}:{lineno}: image {full} not found")
+                raise Digi2RealError(f"{pairs_file}:{lineno}: image {full} not found; restore it, or remove the line "
+                                     "(paths are relative to the pairs file's folder)")
             paths.append(full)
         labels.append(label == "1")
     if not labels:

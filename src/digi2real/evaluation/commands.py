@@ -40,7 +40,7 @@ EVAL_DESCRIPTION = textwrap.dedent("""\
     Writes into -o DIR: results.json (all numbers in percent), results.md and results.csv (the paper's tables,
     with its Digi2Real-20K and DigiFace-1M rows marked "(paper)" for comparison), roc_<benchmark>.png,
     curves.npz, and cache/ (embeddings: a re-run with the same model and settings only re-scores).
-    Settings come from --config's `eval:` section, then these flags.""")
+    Settings come from --config's `eval:` section (its data_root and pairs too), then these flags.""")
 
 EVAL_EPILOG = textwrap.dedent("""\
     examples:
@@ -124,13 +124,19 @@ def run_eval_command(args: argparse.Namespace) -> int:
     from digi2real.evaluation.run import run_eval
 
     cfg = load_section(EvalConfig, getattr(args, "config", None), "eval", overrides_from_args(args))
-    pairs = {}
+    # The config's eval.data_root and eval.pairs (what `run` evaluates) apply unless the flags say otherwise.
+    pairs = dict(cfg.pairs)
+    given: set[str] = set()
     for item in getattr(args, "pairs", []):
         name, sep, file = item.partition("=")
         if not sep or not name or not file:
             raise Digi2RealError(f"--pairs {item!r}: expected NAME=FILE, e.g. --pairs mine=data/mine/pairs.txt")
+        if name in given:
+            raise Digi2RealError(f"--pairs {name}=...: the name {name!r} is given twice; give each set its own NAME")
+        given.add(name)
         pairs[name] = Path(file)
-    result = run_eval(args.model, args.data_root, args.output, cfg, progress=not getattr(args, "quiet", False),
+    data_root = args.data_root if args.data_root is not None else cfg.data_root
+    result = run_eval(args.model, data_root, args.output, cfg, progress=not getattr(args, "quiet", False),
                       pairs=pairs)
     print((args.output / "results.md").read_text().rstrip())
     print(f"\n{result['name']}: {len(result['verification'])} verification set(s), {len(result['ijb'])} IJB, "

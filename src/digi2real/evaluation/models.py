@@ -27,6 +27,7 @@ from digi2real.config import EvalConfig
 from digi2real.errors import ConfigError, ModelError
 
 INPUT_SIZE = 112
+_FIX = "pass an ONNX face model, an insightface IResNet backbone.pth, or a training output folder with model.pt"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "backbone", "model")
 _PREFIXES = ("module.", "backbone.", "model.")
 _BLOCK_KEY = re.compile(r"^layer(\d+)\.(\d+)\.")
@@ -92,6 +93,8 @@ def load_face_model(path: str | Path, cfg: EvalConfig) -> FaceModel:
                          "output directory holding model.pt")
     if path.is_dir():
         path = _model_file_in(path)
+    if not path.is_file():  # a FIFO or device would block the reader or never end
+        raise ModelError(f"{path}: not a regular file; pass the model file itself (.onnx, .pth/.pt)")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         # onnxruntime picks its own provider (auto prefers CUDA when onnxruntime-gpu is installed); autocast
@@ -111,7 +114,8 @@ def _model_file_in(directory: Path) -> Path:
     onnx_files = sorted(directory.glob("*.onnx"))
     if len(onnx_files) == 1:
         return onnx_files[0]
-    raise ModelError(f"{directory}: no model.pt, backbone.pth or single .onnx file in this directory")
+    raise ModelError(f"{directory}: no model.pt, backbone.pth or single .onnx file in this directory; pass the "
+                     "model file itself, or the training output folder holding model.pt")
 
 
 def _resolve_device(cfg: EvalConfig) -> str:
@@ -147,14 +151,14 @@ def _load_onnx(path: Path, cfg: EvalConfig) -> FaceModel:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise ModelError(f"{path}: not a loadable ONNX model ({first})") from None
+        raise ModelError(f"{path}: not a loadable ONNX model ({first}); {_FIX}") from None
     inputs = session.get_inputs()
     if len(inputs) != 1:
-        raise ModelError(f"{path}: expected one input (the face batch), found {len(inputs)}")
+        raise ModelError(f"{path}: expected one input (the face batch), found {len(inputs)}; {_FIX}")
     shape = [d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape]
     if len(shape) != 4 or shape[1] != 3 or shape[2] is None or shape[2] != shape[3]:
         raise ModelError(f"{path}: input shape {list(inputs[0].shape)} is not N x 3 x S x S; not a face "
-                         "recognition model for aligned square crops")
+                         f"recognition model for aligned square crops: {_FIX}")
     size = int(shape[2])
     fixed_batch = shape[0]
     inside = _graph_normalises_itself(path)
@@ -178,7 +182,14 @@ def _load_onnx(path: Path, cfg: EvalConfig) -> FaceModel:
             out_parts.append(res.reshape(len(part), -1)[: min(step, n - s)])
         return np.concatenate(out_parts).astype(np.float32)
 
-    dim = int(forward(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.uint8)).shape[1])
+    try:  # one face through the graph: a graph that cannot embed fails here with one line, not mid-benchmark
+        probe = forward(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
+    except Exception as exc:  # onnxruntime raises its own exception types (wrong input type, bad node, ...)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelError(f"{path}: running the graph on one face failed ({first}); {_FIX}") from None
+    if probe.ndim != 2 or probe.shape[1] == 0:
+        raise ModelError(f"{path}: the graph's output for one face has shape {probe.shape}, not 1 x D; {_FIX}")
+    dim = int(probe.shape[1])
     batch = fixed_batch or cfg.batch_size
     device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
     return FaceModel(path, "onnx", dim, batch, cfg.flip, device, "graph", forward,
@@ -208,12 +219,19 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = (str(exc).splitlines() or [""])[0][:160]
-        raise ModelError(f"{path}: refused: the file holds more than tensors (weights-only load failed: {first}); "
-                         "only plain state dicts are loaded, because pickles can run code") from None
+        # torch's weights-only unpickler explains itself over many lines; keep the line that says what it met.
+        text = str(exc)
+        named = re.search(r"GLOBAL (\S+)", text)
+        if named:
+            raise ModelError(f"{path}: refused: the file holds more than tensors (it names {named.group(1)}); only "
+                             "plain state dicts are loaded, because pickles can run code: save the weights alone "
+                             "with torch.save(model.state_dict(), path)") from None
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+        first = (detail.group(1) if detail else (text.splitlines() or [type(exc).__name__])[0]).strip()[:160]
+        raise ModelError(f"{path}: not a readable PyTorch state dict ({first}); {_FIX}") from None
     except Exception as exc:  # truncated zip, not a torch file at all, ...
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        raise ModelError(f"{path}: not a readable PyTorch state dict ({first})") from None
+        raise ModelError(f"{path}: not a readable PyTorch state dict ({first}); {_FIX}") from None
     for _ in range(3):  # nested wrappers, e.g. {"model": {"state_dict": ...}}
         if isinstance(obj, Mapping) and not _has_tensors(obj):
             inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
@@ -249,7 +267,7 @@ def infer_iresnet(state: Mapping[str, Any], path: Path | str = "model") -> dict[
     if missing:
         sample = ", ".join(list(state)[:4])
         raise ModelError(f"{path}: keys are not an insightface IResNet (missing {', '.join(missing)}; "
-                         f"first keys: {sample})")
+                         f"first keys: {sample}); only insightface IResNet state dicts are read")
     blocks: dict[int, set[int]] = {}
     for key in state:
         m = _BLOCK_KEY.match(key)
@@ -294,7 +312,7 @@ def _load_iresnet(path: Path, cfg: EvalConfig, device: str) -> FaceModel:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[:240]
-        raise ModelError(f"{path}: state dict does not fit an IResNet {arch['layers']} ({detail})") from None
+        raise ModelError(f"{path}: state dict does not fit an IResNet {arch['layers']} ({detail}); {_FIX}") from None
     net.eval().to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
 
