@@ -113,6 +113,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path: Path, image_tree: Path, pairs_b
     start = log[0]
     assert start["event"] == "start" and start["world"] == 2 and start["backend"] == "gloo"
     assert start["per_process_batch"] == BATCH // 2 and start["batch_size"] == BATCH
+    assert start["layout"] == "nchw"  # never channels_last on the CPU (issue 11: it crashed both ranks here)
     steps = [r["step"] for r in log if r["event"] == "train"]
     total = EPOCHS * (IDENTITIES * PER // BATCH)
     assert steps == list(range(1, total + 1))  # one line per step: only rank 0 writes the log
@@ -124,8 +125,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path: Path, image_tree: Path, pairs_b
     assert sync["world"] == 2 and sync["params_in_sync"] is True and sync["max_fingerprint_diff"] == 0.0
     summaries = [line for line in proc.stdout.splitlines() if line.startswith('  "world"')]
     assert summaries == ['  "world": 2,'], proc.stdout  # rank 0 alone prints the summary
-    assert sorted(p.name for p in run2.iterdir()) == ["checkpoint.pt", "model.pt", "train_config.json",
-                                                      "train_log.jsonl"]
+    assert sorted(p.name for p in run2.iterdir()) == [".train.lock", "checkpoint.pt", "model.pt",
+                                                      "train_config.json", "train_log.jsonl"]
 
     # the model loads and embeds
     from digi2real.config import EvalConfig
@@ -164,14 +165,14 @@ def _emulate_two_ranks(cfg, dataset, steps: int) -> tuple[list[float], float]:
     from torch import nn
 
     from digi2real.training import loop
-    from digi2real.training.data import make_loader, normalize
+    from digi2real.training.data import make_loader
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     net = loop._Net(loop.build_backbone_from(cfg), loop.build_head_from(cfg, dataset.num_classes))
-    if loop.use_channels_last(cfg, torch.device("cpu")):
-        net = net.to(memory_format=torch.channels_last)
+    cpu = torch.device("cpu")
+    assert not loop.use_channels_last(cfg, cpu)  # the layout the CPU processes ran; NCHW input below, as the loop does
     opt = torch.optim.SGD(loop.param_groups(net, cfg.weight_decay, cfg.no_decay_on_bn_and_bias), lr=cfg.lr,
                           momentum=cfg.momentum)
     steps_per_epoch = len(dataset) // cfg.batch_size
@@ -179,7 +180,7 @@ def _emulate_two_ranks(cfg, dataset, steps: int) -> tuple[list[float], float]:
     net.train()
     images, labels = next(iter(make_loader(dataset, epoch=0, **kw)))
     with torch.no_grad():
-        full_first = float(F.cross_entropy(net(normalize(images), labels).float(), labels))
+        full_first = float(F.cross_entropy(net(loop.model_input(images, cpu, False), labels).float(), labels))
     losses = []
     for step in range(steps):
         if step % steps_per_epoch == 0:
@@ -191,7 +192,7 @@ def _emulate_two_ranks(cfg, dataset, steps: int) -> tuple[list[float], float]:
         per_rank = []
         for it in ranks:
             images, labels = next(it)
-            loss = F.cross_entropy(net(normalize(images), labels).float(), labels)
+            loss = F.cross_entropy(net(loop.model_input(images, cpu, False), labels).float(), labels)
             (loss / 2).backward()  # DDP all-reduces the gradients and divides by the world size
             per_rank.append(float(loss.detach()))
         nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)

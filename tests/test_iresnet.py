@@ -33,3 +33,23 @@ def test_miniature_variants_run_on_112_crops(stem_stride):
 def test_unknown_backbone_is_refused():
     with pytest.raises(ValueError, match="unknown backbone 'r200'"):
         build_backbone("r200")
+
+
+def test_the_net_runs_in_its_weights_layout_whatever_the_input():
+    """A channels_last input (what ``normalize``'s permuted view is) must not drag an NCHW net into channels_last: on
+    the CPU, oneDNN's backward of the 8 -> 16 channel 1x1 stride-2 downsample in that layout corrupts memory (issue
+    11). Forward passes of the NCHW net only (nothing that could crash runs here): the check is the layout the
+    downsample receives."""
+    torch.manual_seed(0)
+    model = IResNet((1, 1, 1, 1), widths=(8, 8, 16, 16), stem_stride=2, embedding_dim=32).eval()
+    seen = []
+    downsample = model.layer3[0].downsample[0]  # the issue's reduction: Conv2d(8, 16, 1, stride=2)
+    downsample.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    nhwc = torch.randn(2, 112, 112, 3)
+    with torch.no_grad():
+        outs = [model(nhwc.permute(0, 3, 1, 2)), model(nhwc.permute(0, 3, 1, 2).contiguous())]
+    assert seen == [True, True]
+    assert torch.equal(outs[0], outs[1])
+    # its layout is read from its weights: NCHW, and channels_last after .to(channels_last) (CUDA training)
+    assert model.memory_format() == torch.contiguous_format
+    assert model.to(memory_format=torch.channels_last).memory_format() == torch.channels_last

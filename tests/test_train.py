@@ -4,8 +4,10 @@ divergence, refuses a changed config, and its model loads for evaluation and exp
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import shutil
 import signal
 import sys
 import types
@@ -236,3 +238,279 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path: Path, small_set: Ar
     with pytest.raises(Digi2RealError, match="not a readable digi2real checkpoint"):
         train(tiny_cfg(epochs=1), small_set, out, progress=False)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------- layout (issue 11)
+def test_layout_recorded_and_resume_free(tmp_path: Path, small_set: ArraySet,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """channels_last asked on the CPU: NCHW is used and said once (stderr, the start line, the checkpoint); the
+    setting is not part of what a resume compares (checkpoints of the old default ``true`` resume under ``auto``),
+    and the resumed run continues the trajectory exactly."""
+    ref = train(tiny_cfg(epochs=1), small_set, tmp_path / "ref", progress=False)
+    part1 = train(tiny_cfg(epochs=1, channels_last=True), small_set, tmp_path / "r", progress=False, max_steps=3)
+    err = capsys.readouterr().err
+    assert err.count("digi2real: note: train.channels_last is true, but training on cpu runs in NCHW") == 1
+    assert part1.layout == "nchw" and len(err.strip().splitlines()) == 1
+    start = json.loads((tmp_path / "r" / "train_log.jsonl").read_text().splitlines()[0])
+    assert start["layout"] == "nchw" and "fewer than 16 input channels" in start["layout_note"]
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert ckpt["layout"] == "nchw" and ckpt["config_compare"].get("channels_last") is None
+    ckpt["config_compare"]["channels_last"] = True  # a checkpoint written before the setting was resume-free
+    torch.save(ckpt, tmp_path / "r" / "checkpoint.pt")
+    part2 = train(tiny_cfg(epochs=1), small_set, tmp_path / "r", progress=True)  # auto: no note
+    assert part2.resumed_from_step == 3 and part2.finished
+    assert part1.losses + part2.losses == ref.losses
+    err = capsys.readouterr().err
+    assert "note:" not in err and "training on cpu in nchw: 1 process" in err and "resuming at step 3" in err
+
+
+# ------------------------------------------------------------------------------------------ run-folder lock
+def test_run_folder_is_locked_while_training(tmp_path: Path, small_set: ArraySet) -> None:
+    from digi2real.fileio import exclusive_lock
+
+    run = tmp_path / "run"
+    seen: list[str] = []
+
+    def try_lock(step: int, loss: float) -> None:  # a second trainer arriving in the middle of the run
+        try:
+            with exclusive_lock(run / loop.LOCK, "busy"):
+                seen.append("free")
+        except Digi2RealError as exc:
+            seen.append(str(exc))
+
+    train(tiny_cfg(epochs=1), small_set, run, progress=False, on_step=try_lock)
+    assert seen == [f"{run}: busy"] * 5
+    with exclusive_lock(run / loop.LOCK, "busy"):  # released when train returns
+        pass
+
+
+def test_second_train_into_the_same_run_exits_2(tmp_path: Path, finished_run: Path, faces: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Another process holds RUN's lock: `digi2real train` into RUN says so in one line, exit 2, and leaves RUN and
+    the data byte-identical (before the lock both ran and interleaved the log)."""
+    from digi2real.fileio import exclusive_lock
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "model.pt").unlink()  # an unfinished run that the second command would resume
+    before = _files(tmp_path, faces)
+    with exclusive_lock(run / loop.LOCK, "held by the test"):
+        code, err = _cli(capsys, ["train", "-o", str(run), "--data", str(faces), *MINI, "--epochs", "2"])
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "another digi2real train process is training in this run folder" in err and str(run) in err
+    assert _files(tmp_path, faces) == before
+
+
+# ------------------------------------------------------------------------------------------ configs (issue 11)
+def test_cli_train_merges_extends(tmp_path: Path, faces: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`digi2real train overlay.yaml` with `extends: base.yaml` trains the merged config, as `run` would."""
+    (tmp_path / "base.yaml").write_text(
+        "train:\n  backbone: r18\n  epochs: 1\n  widths: [8, 8, 16, 16]\n  depths: [1, 1, 1, 1]\n  stem_stride: 2\n"
+        "  embedding_dim: 32\n  batch_size: 16\n  device: cpu\n  lr: 0.02\n  data:\n    workers: 0\n")
+    (tmp_path / "overlay.yaml").write_text("extends: base.yaml\ntrain:\n  head: cosface\n  scale: 16\n")
+    run = tmp_path / "run"
+    code, err = _cli(capsys, ["train", str(tmp_path / "overlay.yaml"), "-o", str(run), "--data", str(faces), "-q"])
+    assert code == 0, err
+    saved = json.loads((run / "train_config.json").read_text())
+    assert (saved["backbone"], saved["epochs"], saved["widths"], saved["lr"]) == ("r18", 1, [8, 8, 16, 16], 0.02)
+    assert (saved["head"], saved["scale"]) == ("cosface", 16.0) and (run / "model.pt").is_file()
+
+
+def test_cli_train_refuses_a_misspelt_section(tmp_path: Path, faces: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad.yaml").write_text("trian:\n  epochs: 1\n")
+    code, err = _cli(capsys, ["train", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "run"), "--data", str(faces)])
+    assert code == 2 and len(err.splitlines()) == 1 and "trian: unknown key" in err
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------- hostile input (issue 11)
+MINI = ["--epochs", "1", "--batch-size", "16", "--device", "cpu", "-q", "--set", "train.widths=[8,8,16,16]",
+        "--set", "train.depths=[1,1,1,1]", "--set", "train.stem_stride=2", "--set", "train.embedding_dim=32",
+        "--set", "train.data.workers=0"]
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder-per-identity tree of 32 procedural PNGs (8 identities): 2 steps of 16."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("data") / "faces"
+    for i in range(8):
+        (root / f"id{i}").mkdir(parents=True)
+        for k in range(4):
+            Image.fromarray(render_item(2, i, k)).save(root / f"id{i}" / f"{k}.png", compress_level=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, faces: Path) -> Path:
+    """A finished `digi2real train ... MINI` run (checkpoint.pt, model.pt, log, config)."""
+    from digi2real.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "done"
+    assert main(["train", "-o", str(run), "--data", str(faces), *MINI]) == 0
+    return run
+
+
+def _files(*roots: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _cli(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
+    from digi2real.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+def _tamper_checkpoint(path: Path) -> None:
+    """Right keys and settings, a tensor of the wrong shape: what a damaged or hand-edited checkpoint looks like."""
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["backbone"]["conv1.weight"] = torch.zeros(3, 3, 3, 3)
+    torch.save(ckpt, path)
+
+
+def _code_running_pickle(path: Path) -> None:
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {path.parent / 'pwned'}",))
+
+    with open(path, "wb") as fh:
+        pickle.dump({"step": Exploit()}, fh, protocol=2)
+
+
+# (name, setup(tmp, run, faces) -> argv, expected fragment of the one error line)
+TRAIN_CASES = {
+    "data missing": (lambda t, r, f: ["--data", str(t / "nowhere")], "does not exist"),
+    "data is a file": (lambda t, r, f: ["--data", str(_write(t / "a.txt", b"x"))], "is not a folder"),
+    "data is an empty folder": (lambda t, r, f: ["--data", str(_mkdir(t / "empty"))], "empty training set"),
+    "-o names an existing file": (lambda t, r, f: ["-o", str(_write(t / "notes.txt", b"keep me"))],
+                                  "a file is there, not a run folder"),
+    "-o under a file": (lambda t, r, f: ["-o", str(_write(t / "notes.txt", b"keep me") / "run")], "Not a directory"),
+    "-o is the data": (lambda t, r, f: ["-o", str(f)], "the output is the input itself"),
+    "-o inside the data": (lambda t, r, f: ["-o", str(f / "id0")], "lies inside the input"),
+    "-o holds the data": (lambda t, r, f: ["-o", str(f.parent)], "holds the input"),
+    "--max-steps -1": (lambda t, r, f: ["--max-steps", "-1"], "--max-steps -1: give at least 1 step"),
+    "--max-steps 0": (lambda t, r, f: ["--max-steps", "0"], "--max-steps 0: give at least 1 step"),
+    "width 0": (lambda t, r, f: ["--set", "train.widths=[0,8,16,16]"], "train.widths.0: Input should be greater than 0"),
+    "depth 0": (lambda t, r, f: ["--set", "train.depths=[0,1,1,1]"], "train.depths.0: Input should be greater than 0"),
+    "--verify corrupt": (lambda t, r, f: ["--verify", str(_write(t / "lfw.bin", b"\x80\x04junk" * 9))],
+                         "lfw.bin: not a readable benchmark"),
+    "checkpoint junk": (lambda t, r, f: _write(r / "checkpoint.pt", b"\x00junk" * 50) and [],
+                        "not a readable digi2real checkpoint"),
+    "checkpoint truncated": (lambda t, r, f: _write(r / "checkpoint.pt", (r / "checkpoint.pt").read_bytes()[:4000])
+                             and [], "not a complete torch file"),
+    "checkpoint of another shape": (lambda t, r, f: torch.save([1, 2], r / "checkpoint.pt") or [],
+                                    "not a digi2real checkpoint (a list"),
+    "checkpoint without keys": (lambda t, r, f: torch.save({"step": 1}, r / "checkpoint.pt") or [],
+                                "'backbone' missing"),
+    "checkpoint tensors damaged": (lambda t, r, f: _tamper_checkpoint(r / "checkpoint.pt") or [],
+                                   "damaged checkpoint (its backbone does not fit"),
+    "checkpoint runs code": (lambda t, r, f: _code_running_pickle(r / "checkpoint.pt") or [],
+                             "could run code when loaded: refused"),
+    "checkpoint is a folder": (lambda t, r, f: _swap_for_folder(r / "checkpoint.pt") or [],
+                               "checkpoint.pt: not a regular file"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _swap_for_folder(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_train_hostile_input(case: str, tmp_path: Path, faces: Path, finished_run: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Each case: exit 2, one stderr line naming the problem, nothing that existed changed, no code run."""
+    setup, expected = TRAIN_CASES[case]
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "model.pt").unlink()  # unfinished: the command would resume it
+    extra = setup(tmp_path, run, faces)
+    argv = ["train", "-o", str(run), "--data", str(faces), *MINI, *extra]  # later flags win
+    before = _files(tmp_path, faces)
+    code, err = _cli(capsys, argv)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("digi2real: error: "), err
+    assert expected in err, err
+    assert _files(tmp_path, faces) == before
+    assert not (tmp_path / "pwned").exists() and not (run / "pwned").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_train_into_a_read_only_folder(tmp_path: Path, faces: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ro = _mkdir(tmp_path / "ro")
+    ro.chmod(0o555)
+    try:
+        for run in (ro, ro / "run"):
+            code, err = _cli(capsys, ["train", "-o", str(run), "--data", str(faces), *MINI])
+            assert code == 2 and len(err.splitlines()) == 1 and "Permission denied" in err, err
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+EXPORT_CASES = {
+    "no model.pt": (lambda t, r: (r / "model.pt").unlink() or [], "no model.pt; train first"),
+    "model.pt truncated": (lambda t, r: _write(r / "model.pt", (r / "model.pt").read_bytes()[:3000]) and [],
+                           "not a readable model file (not a complete torch file"),
+    "model.pt junk": (lambda t, r: _write(r / "model.pt", b"hello\n") and [], "not a readable model file"),
+    "model.pt runs code": (lambda t, r: _code_running_pickle(r / "model.pt") or [],
+                           "could run code when loaded: refused"),
+    "model.pt not a state dict": (lambda t, r: torch.save([1, 2], r / "model.pt") or [],
+                                  "not a state dict of named tensors"),
+    "model.pt foreign keys": (lambda t, r: torch.save({"a": torch.zeros(2)}, r / "model.pt") or [],
+                              "keys are not an insightface IResNet"),
+    "model.pt bad tensor": (lambda t, r: _edit_model(r / "model.pt", "fc.weight", torch.zeros(5)) or [],
+                            "fc.weight (not 2-D)"),
+    "model.pt bad shape": (lambda t, r: _edit_model(r / "model.pt", "layer1.0.bn1.weight", torch.zeros(3)) or [],
+                           "its tensors do not form the IResNet"),
+    "-o the model itself": (lambda t, r: ["-o", str(r / "model.pt")], "ends in .onnx"),
+    "-o the checkpoint": (lambda t, r: ["-o", str(r / "checkpoint.pt")], "ends in .onnx"),
+    "-o the log": (lambda t, r: ["-o", str(r / "train_log.jsonl")], "ends in .onnx"),
+    "-o a folder": (lambda t, r: ["-o", str(r)], "a folder is there"),
+    "-o under a file": (lambda t, r: ["-o", str(_write(t / "notes.txt", b"keep") / "x.onnx")],
+                        "notes.txt: File exists"),
+}
+
+
+def _edit_model(path: Path, key: str, value: torch.Tensor) -> None:
+    state = torch.load(path, weights_only=True)
+    state[key] = value
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_export_hostile_input(case: str, tmp_path: Path, finished_run: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    setup, expected = EXPORT_CASES[case]
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    extra = setup(tmp_path, run)
+    before = _files(tmp_path)
+    code, err = _cli(capsys, ["export", str(run), "--onnx", *extra])
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("digi2real: error: "), err
+    assert expected in err, err
+    assert _files(tmp_path) == before and not (run / "pwned").exists()
+
+
+def test_export_of_a_model_file_named_onnx_onto_itself(tmp_path: Path, finished_run: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    model = shutil.copy(finished_run / "model.pt", tmp_path / "model.onnx")
+    before = _files(tmp_path)
+    code, err = _cli(capsys, ["export", str(model), "--onnx", "-o", str(model)])
+    assert code == 2 and "the output is the input itself" in err and len(err.splitlines()) == 1
+    assert _files(tmp_path) == before

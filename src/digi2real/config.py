@@ -27,6 +27,7 @@ class Section(BaseModel):
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Positive = Annotated[int, Field(gt=0)]
 Rate = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
@@ -261,9 +262,11 @@ class TrainConfig(Section):
     """`train`: IResNet + margin head (paper section 4: IResNet50, AdaFace, 30 epochs, batch 256, cosine schedule)."""
 
     backbone: Literal["r18", "r34", "r50", "r100"] = Field("r50", description="IResNet depth (paper: r50).")
-    widths: tuple[int, int, int, int] = Field((64, 128, 256, 512), description="Stage widths (miniature nets: smaller).")
+    widths: tuple[Positive, Positive, Positive, Positive] = Field(
+        (64, 128, 256, 512), description="Stage widths (miniature nets: smaller).")
     stem_stride: int = Field(1, ge=1, le=2, description="Stride of the first conv (2 for miniature CPU nets).")
-    depths: tuple[int, int, int, int] | None = Field(None, description="Blocks per stage, overriding `backbone`.")
+    depths: tuple[Positive, Positive, Positive, Positive] | None = Field(
+        None, description="Blocks per stage, overriding `backbone`.")
     embedding_dim: int = Field(512, gt=0, description="Embedding size.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the embedding layer.")
     head: Literal["adaface", "arcface", "cosface"] = Field("adaface", description="Margin head (paper: adaface).")
@@ -281,10 +284,10 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast: fp16 with grad scaling on "
                                                        "CUDA, bf16 on CPU or CUDA, fp32 off.")
     channels_last: bool | Literal["auto"] = Field(
-        "auto", description="channels_last memory format for the convolutions. auto: on CUDA only (2.9x faster "
-        "there); on the CPU training always runs NCHW, whatever this says (see BENCHMARKS.md: channels_last gained "
-        "at most 1.15x there, and torch's CPU backward of small-channel strided 1x1 convolutions corrupts memory in "
-        "that layout).")
+        "auto", description="channels_last memory format for the convolutions. auto or true: on CUDA (with fp16 "
+        "autocast, 2.9x the plain fp32 step on an H200); on the CPU training always runs NCHW, whatever this says "
+        "(BENCHMARKS.md: channels_last gained 1.14-1.22x there, and torch's CPU backward of 1x1 stride-2 convolutions "
+        "with fewer than 16 input channels corrupts memory in that layout). false: NCHW everywhere.")
     augment: Literal["flip", "flip+photometric", "flip+photometric+lowres"] = Field(
         "flip", description="Training augmentation: horizontal flip, plus colour jitter, plus random down-up scaling.")
     seed: int = Field(0, ge=0, description="Seed of initialisation, sampling order and augmentation.")

@@ -262,9 +262,14 @@ def infer_iresnet(state: Mapping[str, Any], path: Path | str = "model") -> dict[
     """IResNet constructor arguments from a state dict: blocks per ``layerN``, widths, embedding size, stem stride."""
     from digi2real.training.iresnet import feature_side
 
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise ModelError(f"{path}: not a state dict of named tensors; only insightface IResNet state dicts are read")
     needed = ("conv1.weight", "fc.weight", "layer1.0.conv1.weight", "features.weight")
     missing = [k for k in needed if k not in state]
-    if missing:
+    dims = {"conv1.weight": 4, "fc.weight": 2, "layer1.0.conv1.weight": 4, "features.weight": 1}
+    bad = [k for k in needed if k in state and getattr(state[k], "ndim", -1) != dims[k]]
+    if missing or bad:
+        missing = missing + [f"{k} (not {dims[k]}-D)" for k in bad]
         sample = ", ".join(list(state)[:4])
         raise ModelError(f"{path}: keys are not an insightface IResNet (missing {', '.join(missing)}; "
                          f"first keys: {sample}); only insightface IResNet state dicts are read")

@@ -38,7 +38,18 @@ TRAIN_DESCRIPTION = textwrap.dedent("""\
 
     Resuming: run the same command again; it continues from checkpoint.pt exactly (same data order,
     augmentation and random state). A different config is refused unless --overwrite (which restarts the
-    run in place) or --no-resume (start afresh, ignoring the checkpoint).
+    run in place) or --no-resume (start afresh, ignoring the checkpoint). One process trains into RUN at a
+    time: a second `train` into the same RUN stops at once (RUN/.train.lock). RUN must lie apart from the
+    training data and the --verify files.
+
+    Memory layout (train.channels_last: auto, true or false; default auto): channels_last on CUDA (with
+    fp16 autocast, 2.9x the plain fp32 step on an H200), NCHW on the CPU whatever the setting: torch's CPU
+    backward of channels_last 1x1 stride-2 convolutions with fewer than 16 input channels corrupts memory
+    (SIGSEGV; small-width nets such as widths [8,8,16,16] hit it), and channels_last gains only 1.14-1.22x
+    on CPUs (BENCHMARKS.md, "Training layout on the CPU"). `true` on the CPU prints a note and runs NCHW;
+    `false` turns it off on CUDA too. The layout used ("channels_last" or "nchw") is in the "start" log
+    line, the first progress line and checkpoint.pt; a run may resume in another layout (it changes
+    rounding, not what is computed).
 
     Precision: fp32 is the default and the fastest on CPUs without native bf16 (AVX2); bf16 autocast on
     recent CPUs (AMX/AVX-512-BF16) or CUDA; fp16 with gradient scaling on CUDA only.""")
@@ -94,7 +105,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start afresh")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in RUN even if its checkpoint was made with different settings")
-    p.add_argument("--max-steps", type=int, metavar="N", help="stop after N steps in total (a trial run; resumable)")
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help="stop after N >= 1 steps in total (a trial run; resumable)")
     p.add_argument("--verify", action="append", type=Path, metavar="BIN",
                    help="insightface verification .bin scored during training, named by its stem (repeatable; "
                    "train.verify_sets)")
@@ -137,12 +149,15 @@ def run_train(args: argparse.Namespace) -> int:
     from digi2real.config import TrainConfig, load_section
     from digi2real.errors import ConfigError
 
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps {args.max_steps}: give at least 1 step (or leave it out to train to the end)")
     cfg = load_section(TrainConfig, args.config, "train", train_overrides(args))
     if cfg.data.path is None:
         raise ConfigError("no training data: pass --data PATH or set train.data.path in the config")
     from digi2real.dataset.imagefolder import open_training_set
-    from digi2real.training.loop import train
+    from digi2real.training.loop import check_run_folder, train
 
+    check_run_folder(args.run, cfg)  # before the dataset is opened (a large one takes a while)
     dataset = open_training_set(cfg.data, cfg.seed)
     summary = train(cfg, dataset, args.run, progress=not args.quiet, resume=not args.no_resume,
                     max_steps=args.max_steps, overwrite=args.overwrite)
@@ -151,24 +166,68 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_export(args: argparse.Namespace) -> int:
-    """Handler of ``digi2real export``: RUN/model.pt -> ONNX via :func:`digi2real.miniature.export_face_encoder`."""
+def _export_target(args: argparse.Namespace, model_path: Path) -> Path:
+    """The ONNX file to write: ``-o`` or RUN/model.onnx. Refused: a name not ending in .onnx (so no run file, such
+    as model.pt or checkpoint.pt, is ever overwritten by an export), a folder, or the model file itself."""
+    from digi2real.errors import ConfigError
+    from digi2real.fileio import check_apart
+
+    out: Path = args.output or (model_path.parent / "model.onnx")
+    if out.is_dir():
+        raise ConfigError(f"-o {out}: a folder is there; give a file name, e.g. -o {out / 'model.onnx'}")
+    if out.suffix.lower() != ".onnx":
+        raise ConfigError(f"-o {out}: an ONNX file name ends in .onnx (nothing is overwritten but an earlier "
+                          "export); e.g. -o model.onnx")
+    check_apart(out, [model_path])
+    return out
+
+
+def load_backbone_file(model_path: Path) -> Any:
+    """The IResNet of a ``model.pt`` (a state dict in insightface's key names), loaded with ``weights_only=True`` (a
+    pickle that would run code is refused, never executed); a one-line :class:`ModelError` for anything else."""
+    import warnings
+
     import torch
 
+    from digi2real.errors import Digi2RealError, ModelError
+    from digi2real.evaluation.models import infer_iresnet  # one place knows how to read the layout
+    from digi2real.training.iresnet import IResNet
+    from digi2real.training.loop import describe_load_error
+
+    try:
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged or hostile file
+        raise ModelError(f"{model_path}: not a readable model file ({describe_load_error(exc)}); train again or take "
+                         "model.pt from an intact copy of the run") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ModelError(f"{model_path}: not a state dict of named tensors (as `digi2real train` writes); give a "
+                         "run's model.pt")
+    try:
+        with warnings.catch_warnings():  # a zero-width layer warns on stderr before the shapes are checked
+            warnings.simplefilter("ignore")
+            net = IResNet(**infer_iresnet(state, model_path))
+            net.load_state_dict(state)
+    except Digi2RealError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+        last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()[:160]
+        raise ModelError(f"{model_path}: its tensors do not form the IResNet its keys describe ({last}); give a "
+                         "run's model.pt") from None
+    return net
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handler of ``digi2real export``: RUN/model.pt -> ONNX via :func:`digi2real.miniature.export_face_encoder`."""
     from digi2real.errors import ModelError
     from digi2real.miniature import export_face_encoder
-    from digi2real.training.iresnet import IResNet
 
     model_path = args.run / "model.pt" if args.run.is_dir() else args.run
     if not model_path.is_file():
         raise ModelError(f"{model_path}: no model.pt; train first (`digi2real train ... -o {args.run}`) or let the "
                          "run finish")
-    state = torch.load(model_path, map_location="cpu", weights_only=True)
-    from digi2real.evaluation.models import infer_iresnet  # one place knows how to read the layout
-
-    net = IResNet(**infer_iresnet(state, model_path))
-    net.load_state_dict(state)
-    out = args.output or (model_path.parent / "model.onnx")
+    out = _export_target(args, model_path)
+    net = load_backbone_file(model_path)
     export_face_encoder(net.eval(), out)
     print(f"wrote {out} (input N x 3 x 112 x 112 RGB normalised (x/255-0.5)/0.5; output raw embeddings)")
     return 0

@@ -82,7 +82,17 @@ class IResNet(nn.Module):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
+    def memory_format(self) -> torch.memory_format:
+        """The layout the weights are in: channels_last after ``.to(memory_format=torch.channels_last)``."""
+        w = self.conv1.weight  # 3 input channels and a 3x3 kernel: the two layouts have different strides
+        channels_last = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        return torch.channels_last if channels_last else torch.contiguous_format
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The net runs in its weights' layout whatever the input's: oneDNN follows a channels_last input even into
+        # NCHW weights, and its CPU backward of channels_last 1x1 stride-2 convolutions with < 16 input channels
+        # corrupts memory (issue 11). A no-op when the input already has the layout.
+        x = x.contiguous(memory_format=self.memory_format())
         x = self.prelu(self.bn1(self.conv1(x)))
         for i in range(self.n_stages):
             x = getattr(self, f"layer{i + 1}")(x)

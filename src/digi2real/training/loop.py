@@ -7,10 +7,10 @@ epoch and when stopped by Ctrl-C / SIGTERM / ``max_steps``), ``train_log.jsonl``
 ``model.pt`` (the backbone's state dict in insightface's key names, loadable by
 :func:`digi2real.evaluation.models.load_face_model`) and ``train_config.json`` (the resolved config).
 
-``train_log.jsonl`` lines carry an ``event``: ``start`` (world size, per-process batch, backend, device), ``train``
-(windowed loss / accuracy / lr / throughput), ``verify`` (``<set>_acc``, ``<set>_std``, ``<set>_best_threshold``,
-``<set>_best_acc`` per verification set) and, under DDP, ``ddp_sync`` (whether the parameters are still identical on
-every process when the call ends).
+``train_log.jsonl`` lines carry an ``event``: ``start`` (world size, per-process batch, backend, device, memory
+``layout`` and, when the setting asked for another, ``layout_note``), ``train`` (windowed loss / accuracy / lr /
+throughput), ``verify`` (``<set>_acc``, ``<set>_std``, ``<set>_best_threshold``, ``<set>_best_acc`` per verification
+set) and, under DDP, ``ddp_sync`` (whether the parameters are still identical on every process when the call ends).
 
 Verification during training (``train.verify_sets``): insightface ``.bin`` files are read and decoded when training
 starts (a missing or damaged file fails at once), then scored every ``train.verify_every`` steps (or at each epoch end)
@@ -22,6 +22,12 @@ Multi-GPU: launched by ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK set) it join
 on CPU) and splits the global batch across the processes; only rank 0 writes files. BatchNorm statistics are per
 process (as in insightface's DDP training), so an N-process run is close to, not bit-identical with, a one-process run
 of the same global batch.
+
+Memory layout: channels_last on CUDA (2.9x on an H200), NCHW on the CPU whatever ``train.channels_last`` says
+(:func:`use_channels_last`); the layout used is recorded in the ``start`` log line and the checkpoint.
+
+One process trains into a run folder at a time: the main process holds ``RUN/.train.lock`` (an ``flock``, released
+when the process ends, however it ends) for the whole call; a second ``train`` into the same folder stops at once.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -46,7 +53,7 @@ from torch import nn
 
 from digi2real.config import TrainConfig, settings_diff
 from digi2real.errors import ConfigError, Digi2RealError
-from digi2real.fileio import atomic_open, write_json
+from digi2real.fileio import atomic_open, check_apart, exclusive_lock, write_json
 from digi2real.training.data import TrainingSet, make_loader, normalize
 from digi2real.training.heads import MarginHead, build_head
 from digi2real.training.iresnet import DEPTHS, IResNet
@@ -55,8 +62,13 @@ CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 LOG = "train_log.jsonl"
 CONFIG = "train_config.json"
-# Settings that may change between a run and its resume without changing what is computed.
-_RESUME_FREE = ("log_every", "device", "verify_sets", "verify_every")
+LOCK = ".train.lock"
+LOCK_BUSY = ("another digi2real train process is training in this run folder (it holds .train.lock); wait for it to "
+             "finish or stop it, or choose another -o")
+# Settings that may change between a run and its resume without changing what is computed. The memory layout is one:
+# like the device, it changes only the order of floating-point operations (and checkpoints made before
+# channels_last became "auto" must still resume).
+_RESUME_FREE = ("log_every", "device", "verify_sets", "verify_every", "channels_last")
 VERIFY_FOLDS = 10  # insightface's protocol
 _RESUME_FREE_DATA = ("workers",)
 
@@ -76,6 +88,7 @@ class TrainSummary:
     last_loss: float | None
     losses: list[float] = field(default_factory=list)
     world: int = 1
+    layout: str = "nchw"
     verify_best: dict[str, dict[str, Any]] = field(default_factory=dict)
     verifications: list[dict[str, Any]] = field(default_factory=list)
 
@@ -92,6 +105,10 @@ class TrainSummary:
 def build_backbone_from(cfg: TrainConfig) -> IResNet:
     """The IResNet of ``cfg``: ``depths`` overrides the named ``backbone``; widths and stem stride as configured."""
     depths = tuple(cfg.depths) if cfg.depths is not None else DEPTHS[cfg.backbone]
+    for name, values in (("widths", cfg.widths), ("depths", depths)):
+        if min(values) < 1:  # torch would fail deep inside a conv (width 0) or build a stage of no block (depth 0)
+            raise ConfigError(f"train.{name}: {list(values)}; every stage needs at least 1 (e.g. "
+                              f"--set train.{name}=[1,1,1,1])")
     return IResNet(depths, widths=tuple(cfg.widths), embedding_dim=cfg.embedding_dim, dropout=cfg.dropout,
                    stem_stride=cfg.stem_stride)
 
@@ -116,6 +133,20 @@ class _Net(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x), labels)
+
+
+def _build_net(cfg: TrainConfig, num_classes: int, device: torch.device) -> _Net:
+    """Backbone + head of ``cfg`` on ``device``; a model too large for memory is a one-line settings error."""
+    try:
+        return _Net(build_backbone_from(cfg), build_head_from(cfg, num_classes)).to(device)
+    except RuntimeError as exc:
+        if "alloc" not in str(exc).lower() and "out of memory" not in str(exc).lower():
+            raise
+        asked = re.search(r"allocate (\d+) bytes", str(exc))
+        size = f"{int(asked[1]) / 2**30:.1f} GiB at once" if asked else "more than there is"
+        raise ConfigError(f"the model does not fit in memory on {device} (train.widths {list(cfg.widths)}, "
+                          f"embedding_dim {cfg.embedding_dim}, {num_classes} classes: it needs {size}); use a smaller "
+                          "model or another device") from None
 
 
 def param_groups(net: nn.Module, weight_decay: float, no_decay_on_bn_and_bias: bool) -> list[dict[str, Any]]:
@@ -155,19 +186,42 @@ def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 
 def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether training runs in channels_last: on CUDA unless turned off (2.9x there), never on the CPU, where it gains
-    at most 1.15x and torch's oneDNN backward of 1x1 stride-2 convolutions with fewer than 16 input channels corrupts
-    the heap (SIGSEGV/SIGABRT on torch 2.11-2.13; BENCHMARKS.md "Training layout")."""
+    """Whether training runs in channels_last: on CUDA unless turned off (with fp16 autocast, 2.9x the plain fp32 step
+    on an H200), never on the CPU, where it gains 1.14-1.22x and torch's oneDNN backward of 1x1 stride-2 convolutions
+    with fewer than 16 input channels corrupts the heap (SIGSEGV/SIGABRT on torch 2.11-2.13; BENCHMARKS.md "Training
+    layout on the CPU")."""
     return device.type == "cuda" and cfg.channels_last is not False
 
 
-def _config_for_compare(cfg: TrainConfig) -> dict[str, Any]:
-    d = cfg.model_dump(mode="json")
+def layout_note(cfg: TrainConfig, device: torch.device) -> str | None:
+    """The one-line notice for ``train.channels_last: true`` on a device that runs NCHW instead (None otherwise)."""
+    if cfg.channels_last is not True or use_channels_last(cfg, device):
+        return None
+    return (f"train.channels_last is true, but training on {device.type} runs in NCHW: torch's CPU backward of "
+            "channels_last 1x1 stride-2 convolutions with fewer than 16 input channels corrupts memory (SIGSEGV), "
+            "and channels_last gains little on CPUs (BENCHMARKS.md); set channels_last to auto to silence this")
+
+
+def model_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A uint8 N x H x W x 3 batch as the network's input on ``device``: normalised (FACTS 6) and in the layout training
+    runs. :func:`normalize`'s permuted view is channels_last in memory, so NCHW needs the copy."""
+    x = normalize(images.to(device, non_blocking=True))
+    return x if channels_last else x.contiguous()
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A dumped train config without the settings a resume may change (``_RESUME_FREE``)."""
+    d = json.loads(json.dumps(config))  # a deep copy: the checkpoint's dict is not modified
     for k in _RESUME_FREE:
         d.pop(k, None)
     for k in _RESUME_FREE_DATA:
-        d.get("data", {}).pop(k, None)
+        if isinstance(d.get("data"), dict):
+            d["data"].pop(k, None)
     return d
+
+
+def _config_for_compare(cfg: TrainConfig) -> dict[str, Any]:
+    return _comparable(cfg.model_dump(mode="json"))
 
 
 # ------------------------------------------------------------------------------------------------ verification
@@ -223,8 +277,7 @@ def verify_backbone(backbone: nn.Module, sets: list[VerifySet], device: torch.de
     from digi2real.evaluation.verification import evaluate_verification
 
     def forward(images: np.ndarray) -> np.ndarray:
-        x = normalize(torch.from_numpy(images).to(device))
-        x = x if channels_last else x.contiguous()
+        x = model_input(torch.from_numpy(images), device, channels_last)
         with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                                     enabled=amp_dtype is not None):
             return backbone(x).float().cpu().numpy()
@@ -306,7 +359,7 @@ def _human(record: dict[str, Any], epochs: int, total_steps: int, set_names: lis
                  if record["world"] > 1 else "1 process")
         resumed = f", resuming at step {record['step']}" if record["resumed_from_step"] else ""
         sets = f"; verifying on {', '.join(record['verify_sets'])}" if record["verify_sets"] else ""
-        return (f"training on {record['device']}: {split}, global batch {record['batch_size']}, "
+        return (f"training on {record['device']} in {record['layout']}: {split}, global batch {record['batch_size']}, "
                 f"{record['num_images']} images of {record['num_classes']} classes{resumed}{sets}")
     if event == "verify":
         parts = [f"{name} {100 * record[f'{name}_acc']:.2f}% +- {100 * record[f'{name}_std']:.2f} "
@@ -368,6 +421,120 @@ def _stop_requests() -> Iterator[dict[str, Any]]:
             signal.signal(sig, h)
 
 
+# ------------------------------------------------------------------------------------------------ run folder
+def check_run_folder(out: Path, cfg: TrainConfig) -> None:
+    """Refuse, before anything is built or written, a run folder that cannot hold a run: a file, a folder that is,
+    lies inside or holds the training data or a verification set (DESIGN "Safety": a command never writes into its
+    input), or one where a file training writes is a folder."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"-o {out}: a file is there, not a run folder; choose a folder (it is created)")
+    check_apart(out, [cfg.data.path, cfg.data.real_path, *cfg.verify_sets])
+    for name in (CHECKPOINT, MODEL, LOG, CONFIG):
+        if (out / name).exists() and not (out / name).is_file():
+            raise ConfigError(f"{out / name}: not a regular file (training writes a file there); remove it or "
+                              "choose another -o")
+
+
+def _start_up(cfg: TrainConfig, out: Path, dist_info: _Dist, device: torch.device,
+              held: contextlib.ExitStack) -> list[VerifySet]:
+    """Fail fast, before anything is built: every process checks the verification sets (only the main one decodes
+    and keeps the images), and the main process creates the run folder and takes its lock (held until ``held``
+    closes). A failure anywhere stops every process, so none waits on a collective forever."""
+    verify_sets: list[VerifySet] = []
+    failure: Digi2RealError | OSError | None = None
+    try:
+        verify_sets = load_verify_sets(cfg.verify_sets, decode=dist_info.main)
+        if dist_info.main:
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(exclusive_lock(out / LOCK, LOCK_BUSY))
+    except (Digi2RealError, OSError) as exc:  # OSError: -o under a file, a read-only folder (one line in the CLI)
+        failure = exc
+    if _any_rank(failure is not None, dist_info.world, device) and failure is None:
+        failure = Digi2RealError(f"training into {out} could not start on another process; see its error")
+    if failure is not None:
+        if dist_info.created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        raise failure
+    return verify_sets
+
+
+# ------------------------------------------------------------------------------------------------- checkpoint
+#: What every checkpoint we write holds (anything else, or another type, is a damaged or foreign file).
+_CHECKPOINT_KEYS: dict[str, type | tuple[type, ...]] = {
+    "backbone": dict, "head": dict, "optimizer": dict, "step": int, "rng": dict, "config_compare": dict}
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words (torch's message runs to a page)."""
+    text = str(exc)
+    if "Weights only load failed" in text or "weights_only" in text:
+        return "it holds objects other than tensors, which could run code when loaded: refused"
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        return "not a complete torch file: truncated or of another kind"
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    return f"{type(exc).__name__}: {first[:120]}"
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """``checkpoint.pt`` loaded with ``weights_only=True`` (a pickle that would run code is refused, never executed)
+    and checked for the keys every checkpoint holds; a one-line :class:`Digi2RealError` otherwise."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged or hostile file
+        raise Digi2RealError(f"{path}: not a readable digi2real checkpoint ({describe_load_error(exc)})") from None
+    if not isinstance(ckpt, dict):
+        raise Digi2RealError(f"{path}: not a digi2real checkpoint (a {type(ckpt).__name__}, not a dict)")
+    for key, kind in _CHECKPOINT_KEYS.items():
+        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
+            raise Digi2RealError(f"{path}: not a digi2real checkpoint ({key!r} missing or of the wrong type)")
+    try:  # the saved settings are compared value by value: plain JSON values only
+        json.dumps(ckpt["config_compare"], allow_nan=False)
+    except (TypeError, ValueError):
+        raise Digi2RealError(f"{path}: not a digi2real checkpoint (its settings are not plain values)") from None
+    return ckpt
+
+
+def _resume_diff(ckpt: dict[str, Any], cfg: TrainConfig, num_classes: int, n: int) -> list[str]:
+    """Why ``ckpt`` cannot be continued with ``cfg`` on this dataset (empty: it can)."""
+    diff = [f"train.{k}: checkpoint {a!r}, now {b!r}"
+            for k, a, b in settings_diff(_comparable(ckpt["config_compare"]), _config_for_compare(cfg))]
+    if ckpt.get("num_classes") != num_classes or ckpt.get("num_images") != n:
+        diff.append(f"dataset: checkpoint {ckpt.get('num_images')} images / {ckpt.get('num_classes')} classes, "
+                    f"now {n} / {num_classes}")
+    return diff
+
+
+def _shape_mismatch(ckpt: dict[str, Any], net: _Net, total_steps: int) -> str | None:
+    """What in a checkpoint of matching settings does not fit the net built from them (a damaged file)."""
+    for part in ("backbone", "head"):
+        want = {k: tuple(v.shape) for k, v in getattr(net, part).state_dict().items()}
+        have = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in ckpt[part].items()}
+        if want != have:
+            bad = sorted(set(want) ^ set(have) or {k for k in want if want[k] != have.get(k)})
+            return f"its {part} does not fit the configured net ({', '.join(map(str, bad[:3]))})"
+    if not 0 <= ckpt["step"] <= total_steps:
+        return f"step {ckpt['step']} is outside 0..{total_steps}"
+    return None
+
+
+def _restore(ckpt: dict[str, Any], path: Path, net: _Net, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler, use_scaler: bool) -> None:
+    """Put the checkpoint's weights, optimiser, scaler and random states back (checked by :func:`_shape_mismatch`)."""
+    try:
+        net.backbone.load_state_dict(ckpt["backbone"])
+        net.head.load_state_dict(ckpt["head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if use_scaler and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise Digi2RealError(f"{path}: damaged checkpoint ({first}); delete it, or pass --no-resume to start this run "
+                             "afresh") from None
+
+
 # ------------------------------------------------------------------------------------------------------- train
 def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress: bool = True, resume: bool = True,
           max_steps: int | None = None, overwrite: bool = False,
@@ -377,9 +544,19 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
     ``resume``: continue from ``out_dir/checkpoint.pt`` when present (refused if its config differs, unless
     ``overwrite``, which starts afresh). ``max_steps``: stop (with a checkpoint) once this many global steps are done in
     total, e.g. for a trial run. ``on_step(step, loss)`` is called after every optimiser step (tests, monitoring).
+    The main process holds ``out_dir/.train.lock`` until this returns.
     """
-    out = Path(out_dir)
+    with contextlib.ExitStack() as held:
+        return _train(cfg, dataset, Path(out_dir), held, progress, resume, max_steps, overwrite, on_step)
+
+
+def _train(cfg: TrainConfig, dataset: TrainingSet, out: Path, held: contextlib.ExitStack, progress: bool,
+           resume: bool, max_steps: int | None, overwrite: bool,
+           on_step: Callable[[int, float], None] | None) -> TrainSummary:
     t_start = time.time()
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--max-steps {max_steps}: give at least 1 step (or leave it out to train to the end)")
+    check_run_folder(out, cfg)
     num_classes = int(dataset.num_classes)
     n = len(dataset)
     dist_info = _init_distributed("cuda" if (cfg.device != "cpu" and torch.cuda.is_available()) else "cpu")
@@ -391,34 +568,18 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
         raise ConfigError(f"train.batch_size {cfg.batch_size} exceeds the {n} training images; lower --batch-size")
     total_steps = cfg.epochs * steps_per_epoch
     ckpt_path = out / CHECKPOINT
-
-    # Verification sets fail fast, before anything is built or written. Every process checks the files (only the main
-    # one decodes and keeps the images); a failure anywhere stops all of them, so none waits on a collective forever.
-    verify_sets: list[VerifySet] = []
-    load_error: Digi2RealError | None = None
-    try:
-        verify_sets = load_verify_sets(cfg.verify_sets, decode=dist_info.main)
-    except Digi2RealError as exc:
-        load_error = exc
-    if cfg.verify_sets and _any_rank(load_error is not None, dist_info.world, device) and load_error is None:
-        load_error = Digi2RealError("train.verify_sets: another process could not read a verification set")
-    if load_error is not None:
-        if dist_info.created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-        raise load_error
-    if dist_info.main:
-        out.mkdir(parents=True, exist_ok=True)
+    verify_sets = _start_up(cfg, out, dist_info, device, held)
 
     # Identical initialisation on every rank: seeded before any module is built.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    backbone = build_backbone_from(cfg)
-    head = build_head_from(cfg, num_classes)
-    net = _Net(backbone, head).to(device)
+    net = _build_net(cfg, num_classes, device)
     channels_last = use_channels_last(cfg, device)
+    layout = "channels_last" if channels_last else "nchw"
+    note = layout_note(cfg, device)
+    if note and dist_info.main:
+        print(f"digi2real: note: {note}", file=sys.stderr, flush=True)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(param_groups(net, cfg.weight_decay, cfg.no_decay_on_bn_and_bias), lr=cfg.lr,
@@ -431,31 +592,24 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
     verify_best: dict[str, dict[str, Any]] = {}
     ckpt: dict[str, Any] | None = None
     if ckpt_path.is_file() and resume:
-        try:  # weights_only: a pickle that would run code is refused, not executed
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
+        try:
+            ckpt = read_checkpoint(ckpt_path)
+        except Digi2RealError as exc:
             if not overwrite:
-                first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-                raise Digi2RealError(f"{ckpt_path}: not a readable digi2real checkpoint ({first}); delete it (or "
-                                     "pass --overwrite) to start this run afresh") from None
+                raise Digi2RealError(f"{exc}; delete it (or pass --overwrite) to start this run afresh") from None
     if ckpt is not None:
-        diff = [f"train.{k}: checkpoint {a!r}, now {b!r}"
-                for k, a, b in settings_diff(ckpt["config_compare"], _config_for_compare(cfg))]
-        if ckpt.get("num_classes") != num_classes or ckpt.get("num_images") != n:
-            diff.append(f"dataset: checkpoint {ckpt.get('num_images')} images / {ckpt.get('num_classes')} classes, "
-                        f"now {n} / {num_classes}")
+        diff = _resume_diff(ckpt, cfg, num_classes, n)
         if diff and not overwrite:
             raise ConfigError(f"{ckpt_path}: the run there was started with different settings ({'; '.join(diff[:4])}"
                               f"{'; ...' if len(diff) > 4 else ''}); use the same config to resume, another -o, "
                               "--no-resume, or --overwrite to start afresh there")
-        if not diff:
-            net.backbone.load_state_dict(ckpt["backbone"])
-            net.head.load_state_dict(ckpt["head"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if use_scaler and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
+        damaged = None if diff else _shape_mismatch(ckpt, net, total_steps)
+        if damaged and not overwrite:
+            raise Digi2RealError(f"{ckpt_path}: damaged checkpoint ({damaged}); delete it, or pass --overwrite to "
+                                 "start this run afresh")
+        if not diff and not damaged:
+            _restore(ckpt, ckpt_path, net, optimizer, scaler, use_scaler)
             step = int(ckpt["step"])
-            _set_rng_state(ckpt["rng"])
             verify_best = dict(ckpt.get("verify_best") or {})
     resumed_from = step
 
@@ -489,7 +643,7 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
             "scaler": scaler.state_dict() if use_scaler else None, "step": step, "epoch": step // steps_per_epoch,
             "position": step % steps_per_epoch, "steps_per_epoch": steps_per_epoch, "rng": _rng_state(),
             "config": cfg.model_dump(mode="json"), "config_compare": _config_for_compare(cfg),
-            "num_classes": num_classes, "num_images": n, "verify_best": verify_best,
+            "num_classes": num_classes, "num_images": n, "verify_best": verify_best, "layout": layout,
         }
         with atomic_open(ckpt_path, "wb") as fh:
             torch.save(state, fh)
@@ -548,7 +702,8 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
           "per_process_batch": cfg.batch_size // world, "batch_size": cfg.batch_size, "backend": backend,
           "device": str(device), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
           "stop_at": stop_at, "num_images": n, "num_classes": num_classes, "resumed_from_step": resumed_from,
-          "verify_sets": [vs.name for vs in verify_sets], "time": time.time()})
+          "verify_sets": [vs.name for vs in verify_sets], "layout": layout, "layout_note": note,
+          "time": time.time()})
     try:
         with _stop_requests() as stop:
             net.train()
@@ -560,8 +715,7 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
                 for images, labels in loader:
                     for g in optimizer.param_groups:
                         g["lr"] = lr_at(step, cfg, steps_per_epoch)
-                    x = normalize(images.to(device, non_blocking=True))
-                    x = x if channels_last else x.contiguous()
+                    x = model_input(images, device, channels_last)
                     y = labels.to(device, non_blocking=True)
                     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                         logits = model(x, y)
@@ -651,4 +805,5 @@ def train(cfg: TrainConfig, dataset: TrainingSet, out_dir: str | Path, progress:
     return TrainSummary(out_dir=out, steps_done=step, total_steps=total_steps, epoch=step // steps_per_epoch,
                         finished=finished, resumed_from_step=resumed_from, seconds=seconds,
                         images_per_second=images_seen / max(time.time() - t_loop, 1e-9), last_loss=last_finite,
-                        losses=losses, world=world, verify_best=verify_best, verifications=verifications)
+                        losses=losses, world=world, layout=layout, verify_best=verify_best,
+                        verifications=verifications)
