@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Tests run in worker processes (pytest-xdist): a native crash in torch or onnxruntime fails that one test and the
+# worker is replaced, never ending the run; each test file stays on one worker (its fixtures are built once).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 # The whole method on the built-in miniature (procedural identities, random miniature models): a few minutes on CPU.
 demo: $(STAMP)

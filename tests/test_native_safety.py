@@ -59,7 +59,7 @@ def test_upstream_channels_last_backward_is_recorded(record_property: pytest.Rec
     proc = _run_python(REPRODUCTION.format(layout=CHANNELS_LAST))
     outcome = _outcome(proc)
     record_property("channels_last_1x1_stride2_cin8_cpu_backward", outcome)
-    record_property("torch", torch.__version__)
+    record_property("torch", str(torch.__version__))
     print(f"torch {torch.__version__}: channels_last 1x1 stride-2 conv backward with 8 input channels on the CPU: "
           f"{outcome}")
     assert proc.returncode == 0 or proc.returncode < 0, f"{outcome}:\n{proc.stderr[-2000:]}"
