@@ -137,6 +137,8 @@ def test_embed_state_files_of_the_wrong_shape_give_one_line(tmp_path, capsys, fa
         (out / "meta.json").write_bytes(content)
         line = refused(capsys, ["embed", faces, "-o", out, "--encoder", mini_arcface, "-k", "3", "-q"], tmp_path)
         assert "meta.json" in line and "--overwrite" in line
+    assert _embed(faces, out, mini_arcface, "--overwrite") == 0  # the fix the message gives works
+    assert len(read_store(out)) == 18
 
 
 def test_embed_output_inside_its_source_or_a_file_is_refused(tmp_path, capsys, faces, mini_arcface):

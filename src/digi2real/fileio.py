@@ -42,6 +42,8 @@ _MODE = _file_mode()
 
 _HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "host"
 _TMP = re.compile(r"^\.(?P<name>.+)\.~(?P<host>[^~/]*)~(?P<pid>\d+)~[^~/]*\.tmp$")
+#: tempfile's names before temporaries were tagged: ``.<name>.<8 characters>.tmp`` (or ``.partial``/``.old`` folders).
+_LEGACY_TMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.(tmp|partial|old)$")
 #: A temporary older than this whose writer cannot be checked (another host, or an older naming) is orphaned: our
 #: writers finish a file in seconds and touch it while they write.
 STALE_TEMPORARY_SECONDS = 3600.0
@@ -63,17 +65,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 def is_orphaned_temporary(path: Path, now: float | None = None) -> bool:
-    """Whether ``path`` is a temporary left by a writer that is gone: one written on this host by a process that no
-    longer exists, or any temporary not modified for :data:`STALE_TEMPORARY_SECONDS`."""
+    """Whether ``path`` is one of our temporaries whose writer is gone: written on this host by a process that no
+    longer exists, or (written on another host, or named by an earlier version: ``.<name>.<8 random>.tmp``) not
+    modified for :data:`STALE_TEMPORARY_SECONDS`. A file that merely looks temporary (a user's ``.notes.tmp``) is
+    never one."""
     match = _TMP.match(path.name)
+    if match is None and not _LEGACY_TMP.match(path.name):
+        return False
     try:
         age = (now or time.time()) - path.lstat().st_mtime
     except FileNotFoundError:
         return False
-    if match and match["host"] == _HOST and int(match["pid"]) != os.getpid():
-        return not _pid_alive(int(match["pid"]))
-    return path.name.startswith(".") and path.name.endswith((".tmp", ".partial", ".old")) and \
-        age > STALE_TEMPORARY_SECONDS
+    if match and match["host"] == _HOST:
+        return int(match["pid"]) != os.getpid() and not _pid_alive(int(match["pid"]))
+    return age > STALE_TEMPORARY_SECONDS
 
 
 def clean_temporaries(folders: Iterable[str | os.PathLike[str]], recursive: bool = False) -> int:

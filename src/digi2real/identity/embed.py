@@ -160,7 +160,12 @@ def embed_source(source: ImageSource, encoder: ArcFaceEncoder, out_dir: str | Pa
     inputs = run_fingerprint(source, encoder, cfg, items)
     key = sha256_json(inputs)
 
-    previous = _previous_run(out_dir)
+    try:
+        previous = _previous_run(out_dir)
+    except Digi2RealError:
+        if not overwrite:
+            raise
+        previous = {"inputs_sha256": "unreadable"}  # --overwrite replaces what we wrote, readable or not
     existing = previous.get("inputs_sha256") if previous else None
     if existing is not None and existing != key:
         if not overwrite:
