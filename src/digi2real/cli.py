@@ -12,10 +12,10 @@ import math
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 from digi2real import __version__
 from digi2real.errors import Digi2RealError
+from digi2real.cli_common import Parser, add_common, formatter, given, load_config, one_line
 from digi2real.fileio import check_apart
 
 PIPELINE = """\
@@ -40,54 +40,10 @@ stages (each reads the previous one's output; see README.md):
 """
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with the project's error contract: a usage error is one line (``digi2real: error: ...``) naming the
-    command and pointing at its --help, exit status 2, like every other refusal."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"digi2real: error: {self.prog}: {one_line(message)}; see `{self.prog} --help`\n")
-
-    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
-        """As argparse's, but a stray argument is reported by the sub-command it was given to (its --help)."""
-        ns, extras = self.parse_known_args(args, namespace)
-        if extras:
-            sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
-            owner = sub.choices.get(getattr(ns, "command", None) or "", self) if sub is not None else self
-            owner.error(f"unrecognized arguments: {' '.join(extras)}")
-        return ns
-
-
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, metavar="YAML",
-                   help="experiment config (e.g. configs/digi2real-20k.yaml); flags override its values")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config value by dotted key, e.g. --set plan.alpha=1 (repeatable)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-
-
-def _load(args: argparse.Namespace, flags: dict[str, Any]):
-    """Experiment config from --config, then the stage flags that were given, then --set (last wins)."""
-    from digi2real.config import load_experiment, parse_override
-
-    overrides = dict(flags)
-    for item in args.set:
-        keys, value = parse_override(item)
-        overrides[".".join(keys)] = value
-    return load_experiment(args.config, overrides)
-
-
-def _given(**values: Any) -> dict[str, Any]:
-    return {k.replace("__", "."): v for k, v in values.items() if v is not None}
-
-
 # ----------------------------------------------------------------------------------------------------------- embed
 def _embed_parser(sub) -> None:
     p = sub.add_parser(
-        "embed", formatter_class=_formatter, help="ArcFace embeddings of source images",
+        "embed", formatter_class=formatter, help="ArcFace embeddings of source images",
         description=textwrap.dedent("""\
             Embed the first k aligned 112x112 images of every identity with ArcFace (paper section 3: k = 5) and
             write the embeddings artifact: embeddings.safetensors (unit rows), index.parquet (identity, path),
@@ -112,7 +68,7 @@ def _embed_parser(sub) -> None:
     p.add_argument("--workers", type=int, help="decoding threads (default 2; 0 decodes inline)")
     p.add_argument("--chunk-size", type=int, help="images per resumable part (default 2048)")
     p.add_argument("--overwrite", action="store_true", help="replace an output made from other inputs or settings")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=_cmd_embed)
 
 
@@ -121,14 +77,14 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from digi2real.identity.embed import embed_source
     from digi2real.sources import open_source, parse_source_spec
 
-    flags = _given(embed__images_per_identity=args.per_identity, encoder__model=args.encoder,
+    flags = given(embed__images_per_identity=args.per_identity, encoder__model=args.encoder,
                    encoder__provider=args.provider, encoder__batch_size=args.batch_size,
                    embed__workers=args.workers, embed__chunk_size=args.chunk_size)
     if args.all:
         flags["embed.images_per_identity"] = None
     if args.source:
         flags["source"] = parse_source_spec(args.source).model_dump(mode="json")
-    cfg = _load(args, flags)
+    cfg = load_config(args, flags)
     check_apart(args.output, [cfg.source.path])
     with open_source(cfg.source) as source:
         encoder = ArcFaceEncoder.load(cfg.encoder)
@@ -146,7 +102,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------- select
 def _select_parser(sub) -> None:
     p = sub.add_parser(
-        "select", formatter_class=_formatter, help="keep the N least similar identities",
+        "select", formatter_class=formatter, help="keep the N least similar identities",
         description=textwrap.dedent("""\
             Compute each identity's prototype (normalised mean of its embeddings), its maximum cosine similarity to
             any other prototype, and keep the N least similar identities (paper section 4.1, Table 4). With
@@ -166,7 +122,7 @@ def _select_parser(sub) -> None:
     p.add_argument("--threshold", type=float, help="greedy: maximum cosine between two kept identities")
     p.add_argument("--min-images", type=int, help="identities with fewer embedded images are not eligible")
     p.add_argument("--block-size", type=int, help="similarity rows computed at once (memory: block x identities x 4 B)")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=_cmd_select)
 
 
@@ -174,11 +130,11 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from digi2real.identity.select import select_identities, write_selection
     from digi2real.identity.store import read_store
 
-    flags = _given(select__n=args.n, select__method=args.method, select__threshold=args.threshold,
+    flags = given(select__n=args.n, select__method=args.method, select__threshold=args.threshold,
                    select__min_images=args.min_images, select__block_size=args.block_size)
     if args.all:
         flags["select.n"] = None
-    cfg = _load(args, flags)
+    cfg = load_config(args, flags)
     check_apart(args.output, [args.embeddings])
     store = read_store(args.embeddings)
     selection = select_identities(store, cfg.select)
@@ -196,7 +152,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------------ plan
 def _plan_parser(sub) -> None:
     p = sub.add_parser(
-        "plan", formatter_class=_formatter, help="SLERP latents and seeds for every image to generate",
+        "plan", formatter_class=formatter, help="SLERP latents and seeds for every image to generate",
         description=textwrap.dedent("""\
             Make the generation plan (paper section 3): for each selected identity, --images images grouped in
             latents of --per-latent; each latent is the SLERP point from the identity's prototype toward one of its
@@ -217,7 +173,7 @@ def _plan_parser(sub) -> None:
     p.add_argument("--alpha", type=float, help="Beta(alpha, alpha) for the SLERP fraction t (default 2)")
     p.add_argument("--seed", type=int, help="run seed (default 0)")
     p.add_argument("--shard", metavar="I/N", help="only this shard's identities (position modulo N)")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=_cmd_plan)
 
 
@@ -228,7 +184,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from digi2real.identity.store import read_store
     from digi2real.sharding import Shard, parse_shard
 
-    cfg = _load(args, _given(plan__images_per_identity=args.images, plan__images_per_latent=args.per_latent,
+    cfg = load_config(args, given(plan__images_per_identity=args.images, plan__images_per_latent=args.per_latent,
                              plan__alpha=args.alpha, plan__seed=args.seed))
     shard = parse_shard(args.shard) if args.shard else Shard()
     check_apart(args.output, [args.embeddings, args.ids])
@@ -246,7 +202,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------------- run
 def _run_parser(sub) -> None:
     p = sub.add_parser(
-        "run", formatter_class=_formatter, help="every stage in order: identities -> dataset -> model -> table",
+        "run", formatter_class=formatter, help="every stage in order: identities -> dataset -> model -> table",
         description=textwrap.dedent("""\
             Run embed, select, plan, shift, generate, pack, train, eval and report in order, as CONFIG says, in
             its output_dir. Each stage's settings and inputs are fingerprinted in output_dir/pipeline.json: a stage
@@ -334,7 +290,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------------------------- download
 def _download_parser(sub) -> None:
     p = sub.add_parser(
-        "download", formatter_class=_formatter, help="download DigiFace-1M zips (resumable)",
+        "download", formatter_class=formatter, help="download DigiFace-1M zips (resumable)",
         description=textwrap.dedent("""\
             Download DigiFace-1M (Microsoft; Research Use of Data Agreement: non-commercial research only) into a
             directory. Interrupted downloads resume from where they stopped (HTTP Range); finished files are checked
@@ -378,7 +334,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------------ demo
 def _demo_parser(sub) -> None:
     p = sub.add_parser(
-        "demo", formatter_class=_formatter,
+        "demo", formatter_class=formatter,
         help="the identity stages on procedural faces, in seconds (the whole method: digi2real run configs/demo.yaml)",
         description="Render procedural identities, build a miniature random ArcFace (ONNX), then embed, select and "
                     "plan exactly as on DigiFace, and align two real photos (scikit-image's astronaut, matplotlib's "
@@ -398,12 +354,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(args.output, identities=args.identities, keep=args.keep, progress=not args.quiet)
     return 0
-
-
-def one_line(text: str, limit: int = 600) -> str:
-    """An error message as the one line the CLI promises (newlines folded, very long values cut)."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -431,7 +381,7 @@ def describe_os_error(exc: OSError) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="digi2real", formatter_class=_formatter,
+        prog="digi2real", formatter_class=formatter,
         description="Realistic synthetic face-recognition data from rendered identities (the Digi2Real method).",
         epilog=PIPELINE + "\nRun `digi2real COMMAND --help` for a command's options.",
     )

@@ -293,7 +293,7 @@ def run_generate(ctx: Context) -> bool:
 def _wait_for_shards(ctx: Context, planned: int) -> int:
     """Rank 0, its own shard done: wait until every shard's images are final (the other ranks write their own
     manifests); give up when a rank never started, exited, or stopped beating (digi2real.liveness)."""
-    from digi2real.generation.runner import final_keys, read_rows
+    from digi2real.generation.manifest import final_keys, read_rows
 
     def finished() -> int | None:
         done = len(final_keys(read_rows(ctx.layout.dataset)))

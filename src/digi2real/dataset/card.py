@@ -179,7 +179,7 @@ def render_card(record: dict, rows: list[dict], name: str) -> str:
 
 def write_card(dataset: Path, name: str | None = None) -> Path:
     """Write ``dataset/card.md`` from its ``generation.json`` and manifests (atomically)."""
-    from digi2real.generation.runner import CARD_FILE, RECORD_FIX, SETTINGS_FILE, read_record, read_rows
+    from digi2real.generation.manifest import CARD_FILE, RECORD_FIX, SETTINGS_FILE, read_record, read_rows
 
     record = read_record(dataset, "card")
     rows = read_rows(dataset)

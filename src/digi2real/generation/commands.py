@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from digi2real.cli import _add_common, _formatter, _given, _load
+from digi2real.cli_common import add_common, formatter, given, load_config
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def _dtype_flag(text: str) -> str:
 
 
 def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return _given(arc2face__repo=args.arc2face, arc2face__base=args.base, encoder__model=args.encoder,
+    return given(arc2face__repo=args.arc2face, arc2face__base=args.base, encoder__model=args.encoder,
                   arc2face__device=args.device, arc2face__dtype=args.dtype)
 
 
@@ -71,7 +71,7 @@ SHIFT_DESCRIPTION = textwrap.dedent("""\
 
 
 def _shift_parser(sub: Any) -> None:
-    p = sub.add_parser("shift", formatter_class=_formatter, help="the CLIP-space realism shift Delta (real vs synthetic)",
+    p = sub.add_parser("shift", formatter_class=formatter, help="the CLIP-space realism shift Delta (real vs synthetic)",
                        description=SHIFT_DESCRIPTION, epilog=textwrap.dedent("""\
                            examples:
                              digi2real shift --real ffhq/ --synthetic digiface/ -o shift.safetensors
@@ -83,14 +83,14 @@ def _shift_parser(sub: Any) -> None:
     p.add_argument("--images", type=int, help="images drawn from each side (default 1000)")
     p.add_argument("--seed", type=int, help="seed of the random choice of images (default 0)")
     _model_flags(p)
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=_cmd_shift)
 
 
 def _cmd_shift(args: argparse.Namespace) -> int:
     from digi2real.generation.shift import check_shift_paths, format_gap, make_shift
 
-    cfg = _load(args, {**_model_overrides(args), **_given(shift__images=args.images, shift__seed=args.seed)})
+    cfg = load_config(args, {**_model_overrides(args), **given(shift__images=args.images, shift__seed=args.seed)})
     check_shift_paths(args.real, args.synthetic, args.output)  # before the models load
     model, encoder, detector = _load_models(cfg)
     shift = make_shift(args.real, args.synthetic, args.output, model, encoder, cfg.shift, cfg.align,
@@ -121,7 +121,7 @@ GENERATE_DESCRIPTION = textwrap.dedent("""\
 
 
 def _generate_parser(sub: Any) -> None:
-    p = sub.add_parser("generate", formatter_class=_formatter, help="Arc2Face images of every plan row -> dataset",
+    p = sub.add_parser("generate", formatter_class=formatter, help="Arc2Face images of every plan row -> dataset",
                        description=GENERATE_DESCRIPTION, epilog=textwrap.dedent("""\
                            examples:
                              digi2real generate runs/x/plan.parquet -o runs/x/dataset --shift shift.safetensors
@@ -150,7 +150,7 @@ def _generate_parser(sub: Any) -> None:
     p.add_argument("--shard", metavar="I/N", help="this process's share (default: from torchrun/Slurm, else all)")
     p.add_argument("--dry-run", action="store_true", help="print images, UNet evaluations, disk and time; make nothing")
     _model_flags(p)
-    _add_common(p)
+    add_common(p)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -168,7 +168,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                              prepare_job, read_record)
     from digi2real.sharding import shard_from_env
 
-    cfg = _load(args, {**_model_overrides(args), **_given(
+    cfg = load_config(args, {**_model_overrides(args), **given(
         generate__steps=args.steps, generate__guidance=args.guidance, generate__size=args.size,
         generate__batch_size=args.batch_size, generate__keep_raw=args.keep_raw, generate__format=args.format,
         generate__shift_weight=args.shift_weight, generate__gate__min_similarity=args.min_similarity,
@@ -197,7 +197,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------------- regenerate
 def _regenerate_parser(sub: Any) -> None:
-    p = sub.add_parser("regenerate", formatter_class=_formatter, help="recompute one image of a dataset exactly",
+    p = sub.add_parser("regenerate", formatter_class=formatter, help="recompute one image of a dataset exactly",
                        description=textwrap.dedent("""\
                            Recompute one image of a generated dataset from its manifest row and the settings in
                            DATASET/generation.json, and compare it with the stored file (the same hardware gives
@@ -218,7 +218,7 @@ def _record_configs(path: Path, record: dict) -> tuple[Any, Any, Any, Any]:
 
     from digi2real.config import AlignConfig, Arc2FaceConfig, EncoderConfig, GenerateConfig
     from digi2real.errors import Digi2RealError
-    from digi2real.generation.runner import RECORD_FIX
+    from digi2real.generation.manifest import RECORD_FIX
 
     try:
         return (GenerateConfig(**record["settings"]["generate"]), AlignConfig(**record["align_config"]),

@@ -105,7 +105,7 @@ class Run:
 
     def rows(self) -> list[dict]:
         def load():
-            from digi2real.generation.runner import MANIFEST_DIR, read_rows
+            from digi2real.generation.manifest import MANIFEST_DIR, read_rows
 
             if not (self.layout.dataset / MANIFEST_DIR).is_dir():
                 raise NotAvailable(f"the generate stage has not run ({self.layout.dataset / MANIFEST_DIR} does not "
@@ -118,7 +118,7 @@ class Run:
 
     def generation_record(self) -> dict:
         def load():
-            from digi2real.generation.runner import SETTINGS_FILE
+            from digi2real.generation.manifest import SETTINGS_FILE
 
             path = self.layout.dataset / SETTINGS_FILE
             if not path.is_file():
@@ -322,7 +322,7 @@ def _tile(rgb: np.ndarray, caption: str, cls: str, title: str) -> str:
 
 
 def section_samples(run: Run) -> str:
-    from digi2real.generation.runner import IMAGES_DIR
+    from digi2real.generation.manifest import IMAGES_DIR
     from digi2real.imageio import read_image
     from digi2real.sources.base import SourceItem
 
@@ -519,7 +519,7 @@ def _generated_embeddings(run: Run, rng: np.random.Generator) -> tuple[np.ndarra
     order, so that every embedded crop has genuine partners. Returns (embeddings, identity labels)."""
     from PIL import Image
 
-    from digi2real.generation.runner import IMAGES_DIR
+    from digi2real.generation.manifest import IMAGES_DIR
     from digi2real.imageio import read_image
 
     by_ident = _ok_rows_by_identity(run)
