@@ -205,8 +205,18 @@ class GenerateConfig(Section):
     guidance: float = Field(3.0, ge=1.0, description="Classifier-free guidance scale (Arc2Face: 3.0; 1.0 turns the "
                             "unconditional branch off).")
     size: int = Field(512, ge=64, multiple_of=8, description="Side of the generated image in pixels (Arc2Face: 512).")
-    batch_size: int = Field(8, gt=0, description="Images denoised together (each is two UNet rows with guidance); "
-                            "halved automatically on out-of-memory.")
+    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="Images denoised together (each is two UNet rows with guidance); auto: from the GPU's "
+        "free memory on CUDA, 8 on the CPU. The batch fixes the work units, so it changes pixels: the resolved value "
+        "is recorded in generation.json and a resume keeps it. Halved automatically on out-of-memory.")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the UNet on CUDA (auto: when it compiles here, with a clean fallback to "
+        "eager; its warm-up is not counted as throughput); never on the CPU. Can change pixels in the last bits.")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="UNet and VAE in channels_last memory format on CUDA (auto: on); never on the CPU.")
+    workers: int = Field(2, ge=0, description="Threads that detect, align, check and write the previous batch while "
+                         "the next one is denoised (0: in line, one after the other). Never changes pixels.")
+    queue: int = Field(2, gt=0, description="Rendered batches waiting for those threads at most (bounds memory).")
     shift_weight: float = Field(1.0, description="lambda: weight of the realism shift Delta added to the conditional "
                                 "branch (0: no shift).")
     keep_raw: bool = Field(False, description="Also keep the full generated image under raw/.")
@@ -288,6 +298,9 @@ class TrainConfig(Section):
         "autocast, 2.9x the plain fp32 step on an H200); on the CPU training always runs NCHW, whatever this says "
         "(BENCHMARKS.md: channels_last gained 1.14-1.22x there, and torch's CPU backward of 1x1 stride-2 convolutions "
         "with fewer than 16 input channels corrupts memory in that layout). false: NCHW everywhere.")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the backbone on CUDA (auto: where it compiles, with a fallback to eager; "
+        "the loss trajectory stays within 1e-3 of eager); never on the CPU.")
     augment: Literal["flip", "flip+photometric", "flip+photometric+lowres"] = Field(
         "flip", description="Training augmentation: horizontal flip, plus colour jitter, plus random down-up scaling.")
     seed: int = Field(0, ge=0, description="Seed of initialisation, sampling order and augmentation.")

@@ -436,7 +436,8 @@ def _timed_generation(resolved: ExperimentConfig, layout: RunLayout, statuses: d
                 return list(generate_dataset(job, layout.dataset, dry_run=True, fresh=status == "rerun"))
             g = resolved.generate
             model = _generator(ctx)
-            timing = estimate(model, g, planned, g.batch_size if model.device.type == "cuda" else 1)
+            timing = estimate(model, g, planned, (g.batch_size if g.batch_size != "auto" else 8)
+                              if model.device.type == "cuda" else 1)
         except Digi2RealError as exc:
             return [f"time: cannot be measured ({exc})"]
         branches = 2 if g.guidance != 1.0 else 1

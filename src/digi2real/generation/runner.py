@@ -482,7 +482,7 @@ def prepare_job(plan_path: Path, out_dir: Path | None, *, model: "Arc2Face | Non
     device = model.device.type if model is not None else "cpu"
     dtype = str(model.dtype).replace("torch.", "") if model is not None else "float32"
     settings = run_settings(plan, plan_path, store, cfg, align, info, encoder_hash, shift, shift_path, device, dtype)
-    units = work_units(plan.table.column("identity").to_pylist(), cfg.batch_size)
+    units = work_units(plan.table.column("identity").to_pylist(), cfg.batch_size if cfg.batch_size != "auto" else 8)
     job = GenerationJob(plan, plan_path, latents, protos, cfg, align, model, checker, delta, settings, units,
                         store.root)
     return job, store
@@ -507,7 +507,8 @@ def generate_dataset(job: GenerationJob, out_dir: Path, *, shard: Shard = Shard(
     pending = sum(sum(keys[r] not in done for r in u) for _, u in todo)
     already = shard_images - pending
     if dry_run:
-        timing = estimate(job.model, job.cfg, pending, job.cfg.batch_size) if job.model is not None else None
+        timing = estimate(job.model, job.cfg, pending, len(job.units[0]) if job.units else 1) \
+            if job.model is not None else None
         return dry_run_lines(job, pending, shard_images, job.cfg, timing)
 
     source = Path(embeddings or job.embeddings_dir or job.plan.meta.get("embeddings"))
