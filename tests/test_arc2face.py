@@ -195,3 +195,27 @@ def test_dtype_is_a_torch_dtype_or_any_of_its_names(mini_arc2face):
         assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="arc2face.device 'gpu': not a device"):
         Arc2Face.from_pretrained(repo, base, device="gpu")
+
+
+def test_vae_decodes_in_the_unet_precision(mini_arc2face):
+    """Issue 12: the VAE decode runs in the UNet's precision (bfloat16 here; float16 on CUDA by default), the ID
+    encoder in float32 whatever the precision."""
+    repo, base = mini_arc2face
+    model = Arc2Face.from_pretrained(repo, base, device="cpu", dtype="bf16")
+    seen: dict[str, torch.dtype] = {}
+
+    def note(name: str):
+        def hook(module, inputs, output) -> None:
+            seen.setdefault(name, inputs[0].dtype)
+
+        return hook
+
+    hooks = [model.vae.decoder.conv_in.register_forward_hook(note("vae")),
+             model.unet.conv_in.register_forward_hook(note("unet"))]
+    try:
+        model.generate(_embeddings(1), [3], steps=1, size=64)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {"vae": torch.bfloat16, "unet": torch.bfloat16}
+    assert {p.dtype for p in model.text_encoder.parameters()} == {torch.float32}

@@ -63,7 +63,8 @@ def _embed_parser(sub) -> None:
     p.add_argument("--all", action="store_true", help="embed every image of every identity")
     p.add_argument("--encoder", metavar="MODEL",
                    help="ArcFace .onnx path or org/repo:file on the hub (default FoivosPar/Arc2Face:arcface.onnx)")
-    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], help="onnxruntime device (default auto)")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"],
+                   help="where the ArcFace encoder runs: auto (the GPU when there is one; default), cpu, cuda")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default 64)")
     p.add_argument("--workers", type=int, help="decoding threads (default 2; 0 decodes inline)")
     p.add_argument("--chunk-size", type=int, help="images per resumable part (default 2048)")

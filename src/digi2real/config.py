@@ -60,7 +60,10 @@ class EncoderConfig(Section):
         description="A local .onnx path, or 'org/repo:file.onnx' on the Hugging Face hub (downloaded once into its "
         "cache). Default: Arc2Face's arcface.onnx, the encoder Arc2Face was trained with.",
     )
-    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="onnxruntime device; auto prefers CUDA.")
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the ArcFace encoder runs: auto = the GPU when there is one (onnxruntime's CUDA "
+        "provider, else the graph converted to torch, checked against onnxruntime's CPU result within 1e-4), else "
+        "the CPU; cuda = a GPU or an error; cpu = onnxruntime on the CPU.")
     batch_size: int = Field(64, gt=0, description="Images per forward pass.")
     normalize: Literal["auto", "outside", "inside"] = Field(
         "auto",

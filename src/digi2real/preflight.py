@@ -546,9 +546,9 @@ def check_devices(cfg: ExperimentConfig, hw: Hardware, needed: set[str]) -> list
             out.append(Check(name, MISSING, f"{value!r} needs a CUDA GPU and torch sees none", f"{fix}, or run on a "
                              "GPU machine", stages))
     enc = tuple(s for s in ("embed", "shift", "generate") if s in needed)
-    if cfg.encoder.provider == "cuda" and not hw.onnx_cuda and enc and not cfg.miniature:
-        out.append(Check("encoder.provider", MISSING, "'cuda' but onnxruntime has no CUDA provider",
-                         "pip install onnxruntime-gpu, or set encoder.provider: auto", enc))
+    if cfg.encoder.provider == "cuda" and not hw.onnx_cuda and not hw.cuda and enc and not cfg.miniature:
+        out.append(Check("encoder.provider", MISSING, "'cuda' but neither onnxruntime nor torch sees a CUDA device",
+                         "pip install onnxruntime-gpu or a CUDA build of torch, or set encoder.provider: auto", enc))
     return out
 
 

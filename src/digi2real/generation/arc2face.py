@@ -7,17 +7,25 @@ encoder run on the empty prompt.
 
 Models load from the hub (``FoivosPar/Arc2Face`` for the UNet and encoder, the SD1.5 repo for VAE, tokenizer and
 scheduler), through its cache, or from local directories in the same layout.
+
+Fast sampling on CUDA (:meth:`Arc2Face.optimize`, :meth:`Arc2Face.auto_batch_size`): float16 by default (bfloat16
+selectable), UNet and VAE decode in that one precision, channels_last, and the UNet compiled for the job's batch size;
+the algorithm, the noise and the guidance arithmetic are the same on every path. On the CPU nothing is applied, so CPU
+pixels never change.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
+import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -237,6 +245,81 @@ def apply_shift(cond: torch.Tensor, delta: torch.Tensor | None, weight: float) -
     return cond + weight * delta.to(cond.device, cond.dtype)
 
 
+# ------------------------------------------------------------------------------------------- fast sampling on CUDA
+
+#: Batch size on the CPU (``generate.batch_size: auto``): the default before issue 12, so CPU pixels are unchanged.
+CPU_BATCH = 8
+#: ``auto_batch_size`` uses at most this share of the free GPU memory and this many images. The rest is headroom for
+#: what the per-image model below leaves out (cuDNN workspaces, the caching allocator's rounding, the detector and the
+#: identity check running beside the UNet); out-of-memory halving in the runner stays the safety net.
+MEMORY_FRACTION = 0.6
+MAX_AUTO_BATCH = 64
+#: Activation memory per pixel of the generated image, in elements of the model's dtype (multiply by its size in
+#: bytes and by size x size). Estimated, not measured on a GPU: the peak of live tensors, traced on the meta device
+#: through the real-size SD1.5 UNet (cross-attention 768) and VAE (diffusers' SD1.5 configs, random weights) at
+#: 256 and 512 px in float16 and float32, with attention counted as O(tokens) as PyTorch's flash and memory-efficient
+#: kernels run it: UNet 65.1 MiB per row at 512 px in float16 (130.2 elements per pixel), VAE decode 384 MiB per image
+#: (768), both linear in the batch and in the pixel count. Weights are not in it: they are loaded before the free
+#: memory is read.
+UNET_ELEMENTS_PER_PIXEL = 131
+VAE_ELEMENTS_PER_PIXEL = 768
+#: The compiled UNet must agree with eager within this share of the largest eager output on the warm-up step; float16
+#: kernels differ in the last bits (about 1e-3), a miscompilation by far more.
+COMPILE_TOLERANCE = 5e-2
+
+Switch = bool | Literal["auto"]
+
+
+def per_image_bytes(size: int, guidance: float, dtype: torch.dtype) -> int:
+    """Peak activation memory of one image at ``size`` px: its UNet rows (two with guidance: the unconditional branch
+    rides in the same call) or its VAE decode, whichever is larger; the two phases never overlap."""
+    rows = 1 if guidance == 1.0 else 2
+    elements = max(rows * UNET_ELEMENTS_PER_PIXEL, VAE_ELEMENTS_PER_PIXEL)
+    return size * size * elements * dtype.itemsize
+
+
+def batch_for_memory(free_bytes: int, size: int, guidance: float, dtype: torch.dtype) -> int:
+    """The largest power of two, at most :data:`MAX_AUTO_BATCH` and at least 1, whose images fit in
+    :data:`MEMORY_FRACTION` of ``free_bytes`` by :func:`per_image_bytes`."""
+    fits = int(MEMORY_FRACTION * free_bytes) // per_image_bytes(size, guidance, dtype)
+    if fits < 1:
+        return 1
+    return min(MAX_AUTO_BATCH, 2 ** int(math.log2(fits)))
+
+
+def _accelerated(device: torch.device) -> bool:
+    """Whether the fast-sampling settings apply: on CUDA only (tests stand in for CUDA by replacing this)."""
+    return device.type == "cuda"
+
+
+def _switch(value: Any, setting: str) -> Switch:
+    if value is True or value is False or value == "auto":
+        return value
+    raise ConfigError(f"{setting} {value!r}: not a choice; use true, false or auto")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _one_line(exc: BaseException) -> str:
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}"[:200]
+
+
+def _compile_options() -> dict | None:
+    """Inductor's deterministic mode where this torch has it (2.10+): no on-device benchmarking that would pick
+    kernels with another summation order from run to run, so a resumed run compiles to the same pixels."""
+    import torch._inductor.config as inductor
+
+    return {"deterministic": True} if hasattr(inductor, "deterministic") else None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # --------------------------------------------------------------------------------------------------------- the model
 
 
@@ -255,6 +338,14 @@ class Arc2Face:
     _prompt_ids: torch.Tensor | None = field(default=None, repr=False)
     _id_position: int = -1
     _uncond: torch.Tensor | None = field(default=None, repr=False)
+    #: The compiled UNet (None: eager), the batch and UNet rows it serves, and whether channels_last is applied.
+    _compiled: Any = field(default=None, repr=False)
+    _compiled_batch: int = 0
+    _compiled_rows: int = 0
+    _channels_last: bool = False
+    _warming: bool = False  # while optimize() warms the compiled UNet up, its failures reach optimize()
+    #: What :meth:`optimize` applied (JSON-able; updated in place if the compiled UNet fails during a run).
+    optimization: dict = field(default_factory=dict)
 
     @classmethod
     def from_pretrained(cls, repo: str | Path = DEFAULT_ARC2FACE, base: str | Path = DEFAULT_SD15,
@@ -357,12 +448,30 @@ class Arc2Face:
     def unet_eps(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
         """One guided noise prediction: ``eps_u + g (eps_c - eps_u)``, both branches in one UNet call."""
         if guidance == 1.0:
-            return self.unet(latents.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample.float()
+            return self._unet(latents.to(self.dtype), t, cond.to(self.dtype)).float()
         uncond = self.unconditional().expand(len(cond), -1, -1)
         emb = torch.cat([uncond, cond]).to(self.dtype)
-        eps = self.unet(torch.cat([latents, latents]).to(self.dtype), t, encoder_hidden_states=emb).sample.float()
+        eps = self._unet(torch.cat([latents, latents]).to(self.dtype), t, emb).float()
         eps_u, eps_c = eps.chunk(2)
         return eps_u + guidance * (eps_c - eps_u)
+
+    def _unet(self, sample: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The UNet's noise prediction: compiled when the rows are the ones it was compiled for, eager otherwise.
+
+        Only one shape is compiled (``dynamic=False``): the last unit, retries and out-of-memory halves run eager
+        instead of recompiling, so an image's pixels depend on its batch size alone, never on the order in which
+        shapes were first seen (a resumed or re-sharded run makes the same images)."""
+        compiled = self._compiled
+        if compiled is not None and sample.shape[0] == self._compiled_rows:
+            try:
+                return compiled(sample, t, encoder_hidden_states=emb).sample
+            except Exception as exc:  # a compiled graph that fails must not end the run: eager from here on
+                if self._warming or _is_out_of_memory(exc):
+                    raise
+                reason = f"the compiled UNet failed during the run at batch {self._compiled_batch}: {_one_line(exc)}"
+                self._drop_compiled(reason)
+                warnings.warn(f"generate.compile: {reason}; images from here on are rendered eager", stacklevel=2)
+        return self.unet(sample, t, encoder_hidden_states=emb).sample
 
     @torch.no_grad()
     def denoise(self, cond: torch.Tensor, noise: torch.Tensor, steps: int = 25, guidance: float = 3.0) -> torch.Tensor:
@@ -396,6 +505,154 @@ class Arc2Face:
         latents = self.denoise(cond, self.initial_noise(seeds, size), steps, guidance)
         return self.decode(latents)[0]
 
+    # -- fast sampling on CUDA ------------------------------------------------------------------------------------
+
+    def auto_batch_size(self, size: int, guidance: float) -> int:
+        """``generate.batch_size: auto``: :data:`CPU_BATCH` on the CPU; on CUDA the largest power of two (at most
+        :data:`MAX_AUTO_BATCH`) whose images fit in :data:`MEMORY_FRACTION` of the free memory by
+        :func:`per_image_bytes` (the figures and where they come from are at :data:`UNET_ELEMENTS_PER_PIXEL`)."""
+        if not _accelerated(self.device):
+            return CPU_BATCH
+        torch.cuda.empty_cache()  # blocks this process cached but does not use are free for the batch
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return batch_for_memory(int(free), size, guidance, self.dtype)
+
+    @property
+    def where(self) -> str:
+        """Where and how the generator runs, for the run log and the card: e.g. ``cuda:0 (NVIDIA H200), float16,
+        compiled (batch 32), channels_last`` or ``cpu, float32``."""
+        parts = [_device_name(self.device), str(self.dtype).removeprefix("torch.")]
+        if self._compiled is not None:
+            parts.append(f"compiled (batch {self._compiled_batch})")
+        if self._channels_last:
+            parts.append("channels_last")
+        return ", ".join(parts)
+
+    def optimize(self, *, compile: Switch = "auto", channels_last: Switch = "auto", batch: int = CPU_BATCH,  # noqa: A002
+                 size: int = 512, steps: int = 25, guidance: float = 3.0) -> dict:
+        """Prepare fast sampling for a job of ``batch`` images at ``size`` px; returns what was applied (JSON-able).
+
+        On CUDA: channels_last for the UNet and VAE (``auto``: on; cuDNN's tensor-core convolutions are NHWC), the UNet
+        compiled with torch.compile (inductor, default mode, its deterministic option, one static shape: ``batch``
+        images' UNet rows; ``auto``: on), then a warm-up of two denoising steps and one decode at that batch, timed
+        as ``warmup_s`` and never counted as throughput. The compiled UNet must match eager on the warm-up step
+        (:data:`COMPILE_TOLERANCE`). If compiling, the warm-up or that check fails, the UNet runs eager and the reason
+        is recorded; ``compile: true`` also warns (one line), ``auto`` does not. No choice depends on a timing, so
+        every run and shard of a configuration renders the same pixels. CUDA graphs are not used: at these batch
+        sizes a step is a few hundred milliseconds of kernels, and their static buffers would pin the batch size.
+        The VAE decode is not compiled: about 3% of an image's time (19 ms against 25 UNet steps of 26 ms, fp32, on
+        the H200 of ``shared/gpu/README.md``).
+
+        On the CPU nothing is applied (``compile: "off (cpu)"``), so CPU pixels never change.
+        """
+        compile_choice = _switch(compile, "generate.compile")
+        layout_choice = _switch(channels_last, "generate.channels_last")
+        if batch < 1 or size < 8 or steps < 1:
+            raise ValueError(f"optimize: batch {batch}, size {size} and steps {steps} must be positive")
+        self._drop_compiled(None)
+        if not _accelerated(self.device):
+            return self._record("off (cpu)" if compile_choice else "off (not requested)", "none (cpu)", 0.0)
+        self._set_channels_last(layout_choice is not False)
+        rows = batch if guidance == 1.0 else 2 * batch
+        start = time.perf_counter()
+        if compile_choice is False:
+            state = "off (not requested)"
+        elif (failure := self._compile_and_warm_up(batch, rows, size, steps, guidance)) is None:
+            state = f"on (inductor, batch {batch}: {rows} UNet rows; other batch sizes run eager)"
+        else:
+            state = f"off (fallback: {failure})"
+            if compile_choice is True:
+                warnings.warn(f"generate.compile: {failure}; the UNet runs eager", stacklevel=2)
+        warm = "done" if self._compiled is not None else self._warm_up_eager(batch, size, steps, guidance)
+        return self._record(state, warm, time.perf_counter() - start)
+
+    def _record(self, compile_state: str, warmup: str, seconds: float) -> dict:
+        self.optimization = {"device": _device_name(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                             "compile": compile_state, "compiled_batch": self._compiled_batch or None,
+                             "channels_last": self._channels_last, "warmup": warmup,
+                             "warmup_s": round(seconds, 3), "where": self.where}
+        return self.optimization
+
+    def _set_channels_last(self, on: bool) -> None:
+        if on != self._channels_last:
+            layout = torch.channels_last if on else torch.contiguous_format
+            self.unet.to(memory_format=layout)
+            self.vae.to(memory_format=layout)
+            self._channels_last = on
+
+    def _drop_compiled(self, reason: str | None) -> None:
+        """Back to the eager UNet; a reason (a failure during the run) goes into :attr:`optimization`."""
+        self._compiled, self._compiled_batch, self._compiled_rows = None, 0, 0
+        if reason is not None and self.optimization:
+            self.optimization.update(compile=f"off (fallback: {reason})", compiled_batch=None, where=self.where)
+
+    def _compile_and_warm_up(self, batch: int, rows: int, size: int, steps: int, guidance: float) -> str | None:
+        """Compile the UNet for ``rows`` and warm it up: None, or why not (eager restored)."""
+        try:
+            self._compiled = torch.compile(self.unet, dynamic=False, options=_compile_options())
+        except Exception as exc:  # no triton, no compiler, an unsupported torch: eager, never a crash
+            self._drop_compiled(None)
+            return f"torch.compile failed: {_one_line(exc)}"
+        self._compiled_batch, self._compiled_rows = batch, rows
+        self._warming = True
+        try:
+            self._warm_up(batch, size, steps, guidance)
+            disagreement = self._compiled_disagreement(batch, size, steps, guidance)
+        except Exception as exc:  # compilation happens at the first call: its errors surface here
+            self._drop_compiled(None)
+            _release(self.device)
+            return f"the compiled UNet failed its warm-up: {_one_line(exc)}"
+        finally:
+            self._warming = False
+        if disagreement is not None:
+            self._drop_compiled(None)
+        return disagreement
+
+    def _warm_up_eager(self, batch: int, size: int, steps: int, guidance: float) -> str:
+        """Warm the eager path (cuDNN's kernel choice, lazy initialisation); out of memory is recorded, not raised:
+        the runner's halving handles it."""
+        try:
+            self._warm_up(batch, size, steps, guidance)
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            _release(self.device)
+            return f"out of memory at batch {batch} (the runner halves it)"
+        return "done"
+
+    def _warm_inputs(self, batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cond = self.encode(np.eye(batch, 512, dtype=np.float32))
+        return cond, self.initial_noise(list(range(batch)), size)
+
+    def _warm_up(self, batch: int, size: int, steps: int, guidance: float) -> None:
+        """Two denoising steps and one decode at the job's shapes (the scheduler's step count does not change them)."""
+        cond, noise = self._warm_inputs(batch, size)
+        self.decode(self.denoise(cond, noise, min(steps, 2), guidance))
+        _synchronize(self.device)
+
+    @torch.no_grad()
+    def _compiled_disagreement(self, batch: int, size: int, steps: int, guidance: float) -> str | None:
+        """None when the compiled UNet's guided prediction on the first step matches eager; otherwise why not."""
+        cond, noise = self._warm_inputs(batch, size)
+        scheduler = self.make_scheduler(steps)
+        t = scheduler.timesteps[0]
+        latents = scheduler.scale_model_input(noise.to(self.device) * scheduler.init_noise_sigma, t)
+        fast = self.unet_eps(latents, t, cond, guidance)
+        compiled, self._compiled = self._compiled, None
+        try:
+            slow = self.unet_eps(latents, t, cond, guidance)
+        finally:
+            self._compiled = compiled
+        valid = torch.isfinite(slow)
+        if not bool(valid.any()):  # eager itself is not finite here: nothing to compare against
+            return None
+        if not bool(torch.isfinite(fast[valid]).all()):
+            return "the compiled UNet returned NaN or infinity where eager did not"
+        error = float((fast - slow)[valid].abs().max() / slow[valid].abs().max().clamp_min(1e-6))
+        if error > COMPILE_TOLERANCE:
+            return f"the compiled UNet differs from eager by {error:.3g} of its largest output"
+        return None
+
 
 def _first(folder: Path, names: tuple[str, ...]) -> Path:
     return next((folder / n for n in names if (folder / n).is_file()), folder / names[0])
@@ -405,3 +662,19 @@ def _revision(path: Path) -> str | None:
     """The hub commit a cached snapshot came from (None for a plain local directory)."""
     match = _REVISION.search(path.resolve().as_posix() + "/")
     return match.group(1) if match else None
+
+
+def _device_name(device: torch.device) -> str:
+    """``cpu`` or ``cuda:N (GPU name)``."""
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    name = ""
+    with contextlib.suppress(Exception):
+        name = f" ({torch.cuda.get_device_name(index)})"
+    return f"cuda:{index}{name}"
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
