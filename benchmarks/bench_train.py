@@ -18,6 +18,14 @@ writes ``benchmarks/results/train_layout.json`` with the CPU model and flags.
 
 ``--data-loading`` instead measures the DataLoader alone (images/s, RecordIO and image folder, no model) and writes
 ``benchmarks/results/train.json``'s ``data_loading_images_per_s``.
+
+``--windows`` (issue 12) instead runs ``digi2real train`` itself (a subprocess per run) on a procedural image folder
+for a few short epochs with ``log_every`` 10 and reads images/s of every logged window from ``train_log.jsonl``: the
+windows that follow an epoch boundary show any stall there (before issue 12 the DataLoader and its workers were built
+anew each epoch). ``--baseline-rev REV`` runs the same command with the project's ``src`` of git revision REV too,
+alternating, side by side. Prints a table and writes ``benchmarks/results/train_windows.json``:
+
+    .venv/bin/python benchmarks/bench_train.py --windows --baseline-rev 43501f2 [--repeats 2]
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import re
 import signal
@@ -158,6 +167,98 @@ def data_loading(batch: int, images: int, workers: int) -> dict[str, float]:
     return out
 
 
+# ------------------------------------------------------------------------------------------- windows (issue 12)
+#: The net of the windows run: the suite's learning-test miniature (widths >= 16 train safely on any CPU).
+WINDOW_NET = ["--set", "train.widths=[16,32,64,128]", "--set", "train.depths=[1,1,1,1]", "--set",
+              "train.stem_stride=2", "--set", "train.embedding_dim=64", "--head", "cosface", "--set", "train.scale=32"]
+
+
+def source_tree(rev: str, into: Path) -> Path:
+    """The project's ``src`` folder as of git revision ``rev`` (``git archive``; the checkout is not touched)."""
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(root), "archive", rev, "src"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "src"
+
+
+def windows_run(src: Path, tree: Path, run: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One ``digi2real train`` (the code in ``src``) into ``run``: its logged windows and wall time."""
+    cmd = [sys.executable, "-m", "digi2real.cli", "train", "-o", str(run), "--data", str(tree), "--device", "cpu",
+           "--epochs", str(args.epochs), "--batch-size", str(args.batch), "--workers", str(args.workers), "-q",
+           "--set", "train.log_every=10", *WINDOW_NET]
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(args.threads)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"outcome": f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"}
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    start = log[0]
+    windows, previous, boundary = [], start["step"], False
+    for r in (r for r in log if r["event"] == "train"):
+        windows.append({"steps": [previous + 1, r["step"]], "images_per_s": r["images_per_s"],
+                        "after_epoch_boundary": boundary, "first": previous == start["step"]})
+        previous, boundary = r["step"], r["epoch_end"]
+    summary = json.loads(proc.stdout)  # the command's summary: images/s over all its steps
+    return {"outcome": "ran", "wall_s": wall, "run_images_per_s": summary["images_per_second"], "windows": windows,
+            "steps_per_epoch": start["steps_per_epoch"]}
+
+
+def window_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """Steady rate (median of the windows neither first nor after an epoch boundary) and the slowest window as a
+    share of it, first window (start-up: workers, first batches) left out."""
+    ws = [w for w in result["windows"] if not w["first"]]
+    steady = statistics.median(w["images_per_s"] for w in ws if not w["after_epoch_boundary"])
+    boundary = [w["images_per_s"] for w in ws if w["after_epoch_boundary"]]
+    return {"steady_images_per_s": steady, "slowest_window_vs_steady": min(w["images_per_s"] for w in ws) / steady,
+            "after_boundary_vs_steady": [b / steady for b in boundary]}
+
+
+def windows_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from digi2real.sources.procedural import write_procedural_tree
+
+    here = Path(__file__).resolve().parents[1] / "src"
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = write_procedural_tree(Path(tmp) / "faces", args.identities, args.per_identity, seed=0)
+        versions = {"after": here}
+        if args.baseline_rev:
+            (Path(tmp) / "base").mkdir()
+            versions = {"before": source_tree(args.baseline_rev, Path(tmp) / "base"), "after": here}
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in versions}
+        for i in range(args.repeats):
+            for name, src in versions.items():  # alternating, so both see the same machine load
+                r = windows_run(src, tree, Path(tmp) / f"{name}{i}", args)
+                if r["outcome"] == "ran":
+                    r.update(window_summary(r))
+                runs[name].append(r)
+                print(f"{name:6s} run {i + 1}: " + (f"steady {r['steady_images_per_s']:.0f} img/s, slowest window "
+                      f"{r['slowest_window_vs_steady']:.0%} of it, whole run {r['run_images_per_s']:.0f} img/s, "
+                      f"wall {r['wall_s']:.1f} s"
+                      if r["outcome"] == "ran" else r["outcome"]), flush=True)
+    return {"versions": {k: str(v) for k, v in versions.items()}, "baseline_rev": args.baseline_rev, "runs": runs,
+            "images": args.identities * args.per_identity, "batch": args.batch, "epochs": args.epochs,
+            "workers": args.workers, "threads": args.threads}
+
+
+def print_windows(result: dict[str, Any]) -> None:
+    """Every window of the last run of each version, side by side (images/s and share of that run's steady rate)."""
+    last = {name: runs[-1] for name, runs in result["runs"].items() if runs[-1]["outcome"] == "ran"}
+    names = list(last)
+    print("\n| steps | after an epoch boundary | " + " | ".join(f"{n} img/s (vs steady)" for n in names) + " |")
+    print("|---|---|" + "---:|" * len(names))
+    for i, w in enumerate(next(iter(last.values()))["windows"]):
+        cells = [f"{last[n]['windows'][i]['images_per_s']:.0f} "
+                 f"({last[n]['windows'][i]['images_per_s'] / last[n]['steady_images_per_s']:.0%})" for n in names]
+        label = "first (start-up)" if w["first"] else ("yes" if w["after_epoch_boundary"] else "")
+        print(f"| {w['steps'][0]}-{w['steps'][1]} | {label} | " + " | ".join(cells) + " |")
+    for name, runs in result["runs"].items():
+        ok = [r for r in runs if r["outcome"] == "ran"]
+        print(f"{name}: steady " + ", ".join(f"{r['steady_images_per_s']:.0f}" for r in ok) + " img/s; slowest "
+              "window " + ", ".join(f"{r['slowest_window_vs_steady']:.0%}" for r in ok) + " of steady; whole run "
+              + ", ".join(f"{r['run_images_per_s']:.0f}" for r in ok) + " img/s; wall "
+              + ", ".join(f"{r['wall_s']:.1f}" for r in ok) + " s")
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 def layout_table(args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
@@ -197,20 +298,37 @@ def print_table(rows: dict[str, Any], info: dict[str, Any]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nets", default="r50,mini8,mini16", help="comma-separated: " + ", ".join(NETS))
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, help="batch size (default 64; --windows: 24, so that 600 images make 25 "
+                    "steps an epoch and boundaries fall inside the 10-step windows)")
     ap.add_argument("--steps", type=int, default=0, help="timed steps per measurement (0: the net's default)")
     ap.add_argument("--repeats", type=int, default=1, help="measurements per layout, alternating")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds before a measurement counts as hung")
     ap.add_argument("--data-loading", action="store_true", help="measure the DataLoader alone instead")
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--windows", action="store_true", help="images/s of every 10-step window of `digi2real train`")
+    ap.add_argument("--baseline-rev", help="--windows: also run the src of this git revision, side by side")
+    ap.add_argument("--epochs", type=int, default=4, help="--windows: epochs")
+    ap.add_argument("--threads", type=int, default=1, help="--windows: torch threads of the training process (on "
+                    "this shared 2-core VM, 2 threads ran 5x slower than 1 when other processes were busy)")
+    ap.add_argument("--identities", type=int, default=60, help="--windows: procedural identities")
+    ap.add_argument("--per-identity", type=int, default=10, help="--windows: images per identity")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     info = machine()
+    args.batch = args.batch or (24 if args.windows else 64)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.windows:
+        result = windows_bench(args)
+        print_windows(result)
+        path = RESULTS / "train_windows.json"
+        path.write_text(json.dumps({"what": "images/s of every logged window (log_every 10) of `digi2real train` "
+                                    "on the CPU", "machine": info, **result}, indent=2) + "\n")
+        print(f"wrote {path}")
+        return
     if args.data_loading:
         path = RESULTS / "train.json"
         previous = json.loads(path.read_text()) if path.is_file() else {}

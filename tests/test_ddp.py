@@ -11,6 +11,10 @@ feature-norm statistics are per process too), so a plain one-process run is clos
 to a few percent). The exact check is against a one-process emulation of the two ranks (each half-batch forwarded on
 its own, gradients averaged, clipped, SGD step): the logged losses agree to 1e-4 step for step over two epochs,
 across a verification on rank 0 (which must not move the trajectory either).
+
+Stopping (issue 12): the stop flag travels with the statistics, read every ``log_every`` steps rather than every step;
+a SIGTERM to one process still stops both after the same step, with a checkpoint there, and the resumed run continues
+the uninterrupted trajectory.
 """
 
 from __future__ import annotations
@@ -97,15 +101,28 @@ def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_torchrun_two_processes_on_cpu(tmp_path: Path, image_tree: Path, pairs_bin: Path) -> None:
-    run2 = tmp_path / "ddp"
+def _env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("WORLD_SIZE", None)
     env.pop("RANK", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, image_tree: Path,
+                  pairs_bin: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """The whole 2-process run (one log line per step), verifying on rank 0 at each epoch end: the run folder and the
+    torchrun process."""
+    run2 = tmp_path_factory.mktemp("ddp") / "ddp"
     cmd = (TORCHRUN + ["--standalone", "--nproc-per-node", "2", "-m", "digi2real.cli"] + _args(image_tree, run2)
            + ["--verify", str(pairs_bin)])  # rank 0 verifies at each epoch end while rank 1 waits
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    return run2, subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+
+
+def test_torchrun_two_processes_on_cpu(uninterrupted: tuple[Path, subprocess.CompletedProcess[str]],
+                                       image_tree: Path) -> None:
+    run2, proc = uninterrupted
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
     # both processes joined one gloo group and split the global batch
@@ -199,3 +216,67 @@ def _emulate_two_ranks(cfg, dataset, steps: int) -> tuple[list[float], float]:
         opt.step()
         losses.append(sum(per_rank) / 2)
     return losses, full_first
+
+
+#: Runs ``digi2real.cli.main(argv)`` under torchrun with a SIGTERM sent to rank 1 alone while it runs 0-based step
+#: STOP (patched into the schedule, so no per-step callback makes the steps read), and records each rank's exit status.
+STOPPING = """
+import json, os, signal, sys
+from pathlib import Path
+from digi2real.cli import main
+from digi2real.training import loop
+
+stop, out = int(sys.argv[1]), Path(sys.argv[2])
+real = loop.lr_at
+
+
+def lr_at(step, cfg, steps_per_epoch):
+    if step == stop and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(step, cfg, steps_per_epoch)
+
+
+loop.lr_at = lr_at
+code = main(sys.argv[3:])
+(out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(code))
+"""
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_read(
+        tmp_path: Path, image_tree: Path, uninterrupted: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """log_every 3, 4 steps an epoch: the statistics (and the stop flag) are read after steps 3, 4, 6, 8, ... A
+    SIGTERM to rank 1 during step 5 stops both processes after step 6 (the next read), the only time they could agree
+    without a collective per step; the checkpoint is at step 6, and the resumed run's log equals, window for window,
+    the uninterrupted run's per-step losses."""
+    script = tmp_path / "stopping.py"
+    script.write_text(STOPPING)
+    run = tmp_path / "run"
+    argv = _args(image_tree, run) + ["--set", "train.log_every=3"]  # the later --set wins
+
+    def torchrun(stop: int) -> list[int]:
+        for f in tmp_path.glob("rank*.json"):
+            f.unlink()
+        cmd = TORCHRUN + ["--standalone", "--nproc-per-node", "2", str(script), str(stop), str(tmp_path), *argv]
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+    assert torchrun(4) == [130, 130]  # both interrupted (the CLI's status for a stop request), neither hung
+    import torch
+
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
+    first = [r for r in _log(run) if r["event"] == "train"]
+    assert [r["step"] for r in first] == [3, 4, 6] and not (run / "model.pt").exists()
+
+    assert torchrun(-1) == [0, 0]  # resumed to the end
+    log = _log(run)
+    assert [r["resumed_from_step"] for r in log if r["event"] == "start"] == [0, 6]
+    windows = [r for r in log if r["event"] == "train"]
+    total = EPOCHS * (IDENTITIES * PER // BATCH)
+    assert windows[-1]["step"] == total and (run / "model.pt").is_file()
+    reference = {r["step"]: r["loss"] for r in _log(uninterrupted[0]) if r["event"] == "train"}
+    previous = 0
+    for r in windows:  # each window's mean loss from the uninterrupted run's per-step losses
+        expected = np.mean([reference[s] for s in range(previous + 1, r["step"] + 1)])
+        np.testing.assert_allclose(r["loss"], expected, rtol=1e-5, err_msg=f"window ending at step {r['step']}")
+        previous = r["step"]

@@ -52,7 +52,17 @@ TRAIN_DESCRIPTION = textwrap.dedent("""\
     rounding, not what is computed).
 
     Precision: fp32 is the default and the fastest on CPUs without native bf16 (AVX2); bf16 autocast on
-    recent CPUs (AMX/AVX-512-BF16) or CUDA; fp16 with gradient scaling on CUDA only.""")
+    recent CPUs (AMX/AVX-512-BF16) or CUDA; fp16 with gradient scaling on CUDA only.
+
+    No stalls: one DataLoader serves the whole call (its workers start once and decode across epoch
+    boundaries), and the steps never wait for the device: the loss and accuracy are read every
+    train.log_every steps (and at epoch ends, verifications and the last step). A NaN/inf loss is found
+    at that read and reported with the step it happened at; no checkpoint is written past it. Under
+    torchrun a Ctrl-C/SIGTERM stops every process after the same step, at the next such read.
+
+    Compilation (train.compile: auto, true or false; default auto): torch.compile of the backbone on CUDA,
+    tried on one batch before the first step; auto trains eager when compiling fails (the reason is in
+    the "start" log line), true stops with the reason. Never on the CPU (a note says so for true).""")
 
 TRAIN_EPILOG = textwrap.dedent("""\
     examples:
@@ -71,7 +81,7 @@ TRAIN_EPILOG = textwrap.dedent("""\
        "lfw_best_acc": 0.981, "lfw_best_step": 2000, "seconds": 12.3, ...}
 
     verification while training:
-      digi2real train configs/digi2real-20k.yaml -o runs/d2r20k --verify bins/lfw.bin --verify bins/cfp_fp.bin \
+      digi2real train configs/digi2real-20k.yaml -o runs/d2r20k --verify bins/lfw.bin --verify bins/cfp_fp.bin \\
           --verify-every 2000""")
 
 EXPORT_DESCRIPTION = textwrap.dedent("""\

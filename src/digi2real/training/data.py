@@ -11,11 +11,17 @@ Reproducibility design (why the sampler yields keys rather than bare indices):
   yields. It therefore depends neither on which worker decodes the sample nor on how many workers there are.
 * Under DDP the global batch ``b`` of an epoch is ``perm[b * G:(b + 1) * G]`` and rank ``r`` takes its ``r``-th slice of
   ``G / world`` samples, so the union over ranks is the same global batch a single process would see.
+
+Training reads one DataLoader for the whole call (:func:`make_run_loader` over a :class:`RunSampler`): its workers
+start once and keep decoding across epoch boundaries, so the first batch of an epoch is ready when the last of the one
+before is consumed. Building a DataLoader per epoch cost about 8 s at every epoch boundary on an H200 with 14 workers
+(issue 12; ``../shared/gpu/README.md``). Each epoch's batches are still exactly :func:`make_loader`'s for that epoch.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -143,6 +149,34 @@ class ResumableSampler(torch.utils.data.Sampler):
         return (self.steps - self.start_step) * self.per_rank
 
 
+class RunSampler(torch.utils.data.Sampler):
+    """The keys of every global step of a run from ``start_step`` to ``stop_step`` (both counted from the run's start,
+    across epochs): step ``s`` is global batch ``s % steps`` of epoch ``s // steps`` exactly as
+    :class:`ResumableSampler` yields it (same order, augmentation keys and rank slice), so one iterator over the whole
+    run sees what a DataLoader per epoch saw, and a resumed run (``start_step`` = the checkpoint's step) continues it.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, start_step: int, stop_step: int, rank: int = 0,
+                 world: int = 1) -> None:
+        self._epoch = functools.partial(ResumableSampler, n, global_batch, seed, rank=rank, world=world)
+        probe = self._epoch(0)  # checks the batch against n and world
+        if not 0 <= start_step <= stop_step:
+            raise ValueError(f"steps {start_step}..{stop_step}: the start must lie in 0..stop")
+        self.steps, self.per_rank = probe.steps, probe.per_rank
+        self.start_step, self.stop_step = start_step, stop_step
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        step = self.start_step
+        while step < self.stop_step:
+            epoch, position = divmod(step, self.steps)
+            take = min(self.steps - position, self.stop_step - step)
+            yield from itertools.islice(self._epoch(epoch, start_step=position), take * self.per_rank)
+            step += take
+
+    def __len__(self) -> int:
+        return (self.stop_step - self.start_step) * self.per_rank
+
+
 class AugmentedSet(torch.utils.data.Dataset):
     """Wraps a :class:`TrainingSet`: ``self[key]`` -> (H x W x 3 uint8 tensor, label) augmented from the key's seed."""
 
@@ -186,10 +220,26 @@ def make_loader(dataset: TrainingSet, *, global_batch: int, seed: int, epoch: in
                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """The DataLoader of one epoch from ``start_step`` on: batches of ``global_batch // world`` (uint8 NHWC, labels)."""
     sampler = ResumableSampler(len(dataset), global_batch, seed, epoch, rank, world, start_step)
+    return _loader(dataset, sampler, augment_mode, seed, epoch, workers, pin_memory)
+
+
+def make_run_loader(dataset: TrainingSet, *, global_batch: int, seed: int, start_step: int, stop_step: int,
+                    augment_mode: str = "flip", workers: int = 0, rank: int = 0, world: int = 1,
+                    pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """One DataLoader for global steps ``start_step`` to ``stop_step`` of a run, across epochs (:class:`RunSampler`).
+    Iterate it once: its one iterator spans the run, so its ``workers`` start once (what ``persistent_workers`` gives a
+    loader iterated per epoch) and decode ahead, 4 batches each, over epoch boundaries."""
+    sampler = RunSampler(len(dataset), global_batch, seed, start_step, stop_step, rank, world)
+    return _loader(dataset, sampler, augment_mode, seed, start_step // sampler.steps, workers, pin_memory)
+
+
+def _loader(dataset: TrainingSet, sampler: ResumableSampler | RunSampler, augment_mode: str, seed: int, epoch: int,
+            workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """The DataLoader of ``sampler``'s keys. ``epoch`` (the first one read) seeds the workers' global RNGs, which our
+    augmentation never uses (it is keyed by sample position)."""
     kwargs: dict[str, Any] = {}
     if workers > 0:
-        kwargs = {"worker_init_fn": functools.partial(_seed_worker, seed=seed, epoch=epoch),
-                  "prefetch_factor": 4}
+        kwargs = {"worker_init_fn": functools.partial(_seed_worker, seed=seed, epoch=epoch), "prefetch_factor": 4}
     # A private generator: a DataLoader iterator otherwise draws its base seed from the global torch RNG, so creating
     # one mid-epoch on resume would shift the dropout stream and break the exact-resume guarantee.
     generator = torch.Generator().manual_seed(int(np.random.default_rng([seed, epoch, 0x6E]).integers(0, 2**62)))
