@@ -202,7 +202,7 @@ def load_backbone_file(model_path: Path) -> Any:
     from digi2real.errors import Digi2RealError, ModelError
     from digi2real.evaluation.models import infer_iresnet  # one place knows how to read the layout
     from digi2real.training.iresnet import IResNet
-    from digi2real.training.loop import describe_load_error
+    from digi2real.training.checkpoint import describe_load_error
 
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)

@@ -246,3 +246,10 @@ def _loader(dataset: TrainingSet, sampler: ResumableSampler | RunSampler, augmen
     return torch.utils.data.DataLoader(
         AugmentedSet(dataset, augment_mode, seed), batch_size=sampler.per_rank, sampler=sampler, drop_last=True,
         num_workers=workers, collate_fn=_collate, pin_memory=pin_memory, generator=generator, **kwargs)
+
+
+def model_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A uint8 N x H x W x 3 batch as the network's input on ``device``: normalised (FACTS 6) and in the layout training
+    runs. :func:`normalize`'s permuted view is channels_last in memory, so NCHW needs the copy."""
+    x = normalize(images.to(device, non_blocking=True))
+    return x if channels_last else x.contiguous()

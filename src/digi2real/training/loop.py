@@ -2,6 +2,10 @@
 cosine schedule; FACTS 6: lr 0.1, momentum 0.9, weight decay 5e-4 with none on BN, gradient-norm clip 5, flip,
 ``(x / 255 - 0.5) / 0.5`` RGB input).
 
+Its parts live beside it: ``checkpoint`` (what a checkpoint holds, reading it back checked, writing it in the
+background), ``verify`` (verification sets), ``distributed`` (the torchrun process group) and ``data`` (the loader and
+the network's input), all in :mod:`digi2real.training`.
+
 The recipe reads as :func:`_train` calls it: :func:`_set_up` (settings, process group, run folder, net, optimiser),
 :func:`_resume` (the checkpoint put back), :func:`_compile`, then :func:`_train_steps`: :func:`train_step` after step,
 with the statistics read from the device every ``log_every`` steps (:class:`DeviceStats`), each read followed by the
@@ -52,12 +56,10 @@ import contextlib
 import importlib
 import json
 import math
-import os
 import random
 import re
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -72,9 +74,12 @@ from torch import nn
 from digi2real.config import TrainConfig, settings_diff
 from digi2real.errors import ConfigError, Digi2RealError
 from digi2real.fileio import atomic_open, check_apart, exclusive_lock, write_json
-from digi2real.training.data import INPUT_SIZE, TrainingSet, make_run_loader, normalize
+from digi2real.training.data import INPUT_SIZE, TrainingSet, make_run_loader, model_input
 from digi2real.training.heads import MarginHead, build_head
+from digi2real.training.checkpoint import CheckpointWriter, _rng_state, _set_rng_state, read_checkpoint
+from digi2real.training.distributed import _any_rank, _Dist, _init_distributed, _params_in_sync
 from digi2real.training.iresnet import DEPTHS, IResNet
+from digi2real.training.verify import VerifySet, load_verify_sets, verify_backbone  # noqa: F401
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -87,7 +92,6 @@ LOCK_BUSY = ("another digi2real train process is training in this run folder (it
 # compilation are such: like the device, they change only the order of floating-point operations (and checkpoints
 # made before channels_last became "auto", or before train.compile existed, must still resume).
 _RESUME_FREE = ("log_every", "device", "verify_sets", "verify_every", "channels_last", "compile")
-VERIFY_FOLDS = 10  # insightface's protocol
 _RESUME_FREE_DATA = ("workers",)
 
 
@@ -228,13 +232,6 @@ def layout_note(cfg: TrainConfig, device: torch.device) -> str | None:
             "and channels_last gains little on CPUs (BENCHMARKS.md); set channels_last to auto to silence this")
 
 
-def model_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """A uint8 N x H x W x 3 batch as the network's input on ``device``: normalised (FACTS 6) and in the layout training
-    runs. :func:`normalize`'s permuted view is channels_last in memory, so NCHW needs the copy."""
-    x = normalize(images.to(device, non_blocking=True))
-    return x if channels_last else x.contiguous()
-
-
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A dumped train config without the settings a resume may change (``_RESUME_FREE``)."""
     d = json.loads(json.dumps(config))  # a deep copy: the checkpoint's dict is not modified
@@ -248,132 +245,6 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 def _config_for_compare(cfg: TrainConfig) -> dict[str, Any]:
     return _comparable(cfg.model_dump(mode="json"))
-
-
-# ------------------------------------------------------------------------------------------------ verification
-@dataclass
-class VerifySet:
-    """One verification benchmark: ``images`` (2N x 112 x 112 x 3 uint8, pair i = rows 2i, 2i+1; ``None`` where it
-    was only checked, not decoded) and ``issame`` (N booleans)."""
-
-    name: str
-    path: Path
-    images: np.ndarray | None
-    issame: np.ndarray
-
-
-def load_verify_sets(paths: list[Path] | tuple[Path, ...], decode: bool = True) -> list[VerifySet]:
-    """Read (and with ``decode``, decode) the ``.bin`` files of ``train.verify_sets``, each named by its stem.
-
-    Raises a one-line :class:`Digi2RealError` naming the file for a missing, unreadable or damaged file, an image that
-    does not decode, fewer pairs than the 10 folds need, or two files with the same stem.
-    """
-    from digi2real.evaluation.bins import decode_pairs, read_bin
-
-    sets: list[VerifySet] = []
-    seen: dict[str, Path] = {}
-    for raw in paths:
-        path = Path(raw).expanduser()
-        name = path.stem
-        if name in seen:
-            raise ConfigError(f"train.verify_sets: {seen[name]} and {path} are both named {name!r} (sets are named by "
-                              "their file stem); rename one")
-        seen[name] = path
-        try:
-            images, issame = read_bin(path)
-            if len(issame) < VERIFY_FOLDS:
-                raise Digi2RealError(f"{path}: {len(issame)} pairs; the {VERIFY_FOLDS}-fold protocol needs at least "
-                                     f"{VERIFY_FOLDS}")
-            decoded = decode_pairs(images, 112, name=str(path)) if decode else None
-        except Digi2RealError as exc:
-            raise Digi2RealError(f"train.verify_sets: {exc}") from None
-        sets.append(VerifySet(name, path, decoded, np.asarray(issame, dtype=bool)))
-    return sets
-
-
-def verify_backbone(backbone: nn.Module, sets: list[VerifySet], device: torch.device, embedding_dim: int,
-                    batch_size: int, channels_last: bool = True,
-                    amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Score ``backbone`` on each set: flip-summed embeddings and insightface's 10-fold protocol.
-
-    Returns ``{name: VerificationResult}``. The backbone is put in eval mode for the forward passes and given back in
-    the mode it had; no random number is drawn (the caller may still guard the RNG states).
-    """
-    from digi2real.evaluation.models import FaceModel
-    from digi2real.evaluation.verification import evaluate_verification
-
-    def forward(images: np.ndarray) -> np.ndarray:
-        x = model_input(torch.from_numpy(images), device, channels_last)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                                    enabled=amp_dtype is not None):
-            return backbone(x).float().cpu().numpy()
-
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        results = {}
-        for vs in sets:
-            if vs.images is None:
-                raise ValueError(f"verification set {vs.name} was not decoded")
-            model = FaceModel(vs.path, "iresnet", embedding_dim, batch_size, True, device.type,
-                              {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32"), forward)
-            results[vs.name] = evaluate_verification(model.embed(vs.images), vs.issame, folds=VERIFY_FOLDS)
-        return results
-    finally:
-        backbone.train(was_training)
-
-
-# ------------------------------------------------------------------------------------------------- distributed
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    created: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_kind: str) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    created = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-        created = True
-    return _Dist(rank, world, local, created)
-
-
-def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
-    """True on every process when ``flag`` is true on any of them (a collective: every process must call it)."""
-    if world <= 1:
-        return flag
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def _params_in_sync(net: nn.Module, world: int, device: torch.device) -> tuple[bool, float]:
-    """Whether every process holds bit-identical parameters (per-tensor float64 sum and sum of squares compared by
-    all-reduce max/min), and the largest fingerprint difference. A collective under DDP."""
-    if world <= 1:
-        return True, 0.0
-    import torch.distributed as dist
-
-    fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-                      for p in net.parameters()]).flatten().to(device)
-    hi, lo = fp.clone(), fp.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    return bool(torch.equal(hi, lo)), float((hi - lo).abs().max())
 
 
 def _human(record: dict[str, Any], epochs: int, total_steps: int, set_names: list[str]) -> str:
@@ -399,29 +270,6 @@ def _human(record: dict[str, Any], epochs: int, total_steps: int, set_names: lis
     eta = record.get("eta_s", 0.0)
     return (f"{where} loss {record['loss']:.4f} acc {record['acc']:.3f} lr {record['lr']:.5f} "
             f"{record['images_per_s']:.1f} img/s ETA {eta / 60:.1f} min")
-
-
-# ---------------------------------------------------------------------------------------------------- RNG state
-def _rng_state() -> dict[str, Any]:
-    # Only tensors and plain Python values, so the checkpoint loads with torch.load(weights_only=True).
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {"python": random.getstate(),
-                             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
-                                       float(gauss)],
-                             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(Exception):  # a different GPU count on resume: keep the fresh CUDA generators
-            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @contextlib.contextmanager
@@ -485,42 +333,6 @@ def _start_up(cfg: TrainConfig, out: Path, dist_info: _Dist, device: torch.devic
             dist.destroy_process_group()
         raise failure
     return verify_sets
-
-
-# ------------------------------------------------------------------------------------------------- checkpoint
-#: What every checkpoint we write holds (anything else, or another type, is a damaged or foreign file).
-_CHECKPOINT_KEYS: dict[str, type | tuple[type, ...]] = {
-    "backbone": dict, "head": dict, "optimizer": dict, "step": int, "rng": dict, "config_compare": dict}
-
-
-def describe_load_error(exc: BaseException) -> str:
-    """Why ``torch.load(..., weights_only=True)`` refused a file, in a few words (torch's message runs to a page)."""
-    text = str(exc)
-    if "Weights only load failed" in text or "weights_only" in text:
-        return "it holds objects other than tensors, which could run code when loaded: refused"
-    if "PytorchStreamReader" in text or "zip archive" in text:
-        return "not a complete torch file: truncated or of another kind"
-    first = (text.strip().splitlines() or [type(exc).__name__])[0]
-    return f"{type(exc).__name__}: {first[:120]}"
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """``checkpoint.pt`` loaded with ``weights_only=True`` (a pickle that would run code is refused, never executed)
-    and checked for the keys every checkpoint holds; a one-line :class:`Digi2RealError` otherwise."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged or hostile file
-        raise Digi2RealError(f"{path}: not a readable digi2real checkpoint ({describe_load_error(exc)})") from None
-    if not isinstance(ckpt, dict):
-        raise Digi2RealError(f"{path}: not a digi2real checkpoint (a {type(ckpt).__name__}, not a dict)")
-    for key, kind in _CHECKPOINT_KEYS.items():
-        if not isinstance(ckpt.get(key), kind) or isinstance(ckpt.get(key), bool):
-            raise Digi2RealError(f"{path}: not a digi2real checkpoint ({key!r} missing or of the wrong type)")
-    try:  # the saved settings are compared value by value: plain JSON values only
-        json.dumps(ckpt["config_compare"], allow_nan=False)
-    except (TypeError, ValueError):
-        raise Digi2RealError(f"{path}: not a digi2real checkpoint (its settings are not plain values)") from None
-    return ckpt
 
 
 def _resume_diff(ckpt: dict[str, Any], cfg: TrainConfig, num_classes: int, n: int) -> list[str]:
@@ -662,51 +474,6 @@ class DeviceStats:
         packed /= self.world
         values = packed.tolist()
         return values[:-1], values[-1][0] > 0
-
-
-# ------------------------------------------------------------------------------------------------ checkpointing
-def _host_copy(obj: Any) -> Any:
-    """``obj`` with every tensor copied to the CPU and every container copied: a snapshot training cannot change."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _host_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_host_copy(v) for v in obj)
-    return obj
-
-
-class CheckpointWriter:
-    """Writes ``checkpoint.pt`` (atomically) on a background thread from a host snapshot, so the next steps run while
-    it is written (IResNet50 + AdaFace with momentum is several hundred MB, once an epoch). One write at a time; a
-    failed write is raised by the next :meth:`save` or :meth:`wait`."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def save(self, state: dict[str, Any]) -> None:
-        self.wait()
-        snapshot = _host_copy(state)
-        self._thread = threading.Thread(target=self._write, args=(snapshot,), name="checkpoint-writer")
-        self._thread.start()
-
-    def _write(self, state: dict[str, Any]) -> None:
-        try:
-            with atomic_open(self.path, "wb") as fh:
-                torch.save(state, fh)
-        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
-            self._error = exc
-
-    def wait(self) -> None:
-        """Block until the write in flight is on disk; raise its error, if any."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
 
 
 # ------------------------------------------------------------------------------------------------------ the run
