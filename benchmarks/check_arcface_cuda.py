@@ -28,29 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from digi2real.config import EncoderConfig
 from digi2real.faces.arcface import ArcFaceEncoder
-from digi2real.miniature import export_face_encoder
-from digi2real.training.iresnet import build_backbone
+from digi2real.miniature import build_scaled_iresnet
 
 
-def scaled_iresnet(arch: str, path: Path, **kwargs) -> Path:
-    """A random IResNet scaled as a trained one is (variance-keeping convolutions, BN near identity, residual branches
-    entering at 0.2), exported to ONNX: finite embeddings that depend on the input."""
-    torch.manual_seed(0)
-    net = build_backbone(arch, **kwargs)
-    for name, m in net.named_modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, 0, math.sqrt(1 / m.weight[0].numel()))
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-            if m.weight.requires_grad:
-                nn.init.normal_(m.weight, 0.2 if name.endswith("bn3") else 1.0, 0.05)
-                nn.init.normal_(m.bias, 0, 0.05)
-    return export_face_encoder(net.eval(), path)
 
 
 def rate(encoder: ArcFaceEncoder, faces: np.ndarray, repeats: int = 3) -> float:
@@ -81,7 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         arch, kw = ("r18", {"widths": (16, 32, 64, 128)}) if args.quick else ("r100", {})
         t = time.perf_counter()
-        path = scaled_iresnet(arch, Path(tmp) / f"{arch}.onnx", **kw)
+        path = build_scaled_iresnet(arch, Path(tmp) / f"{arch}.onnx", **kw)
         result.update(arch=arch, export_s=round(time.perf_counter() - t, 1))
         faces = np.random.default_rng(0).integers(0, 256, size=(images, 112, 112, 3), dtype=np.uint8)
 

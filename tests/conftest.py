@@ -95,3 +95,29 @@ def kill_when_rows(cmd: list[str], manifest: Path, rows: int, timeout: float = 3
     assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read().decode()[-800:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for a training test (modules opt in with ``pytestmark``): on the shared 2-core
+    machine oversubscribed threads ran the learning test 87-286 s with two threads, depending on what else ran, and
+    77 s with one."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_train_cfg(**kw):
+    """The training tests' miniature recipe: IResNet widths 8-16, AdaFace, CPU, fp32, no loader workers; ``kw``
+    overrides any field."""
+    from digi2real.config import DataConfig, TrainConfig
+
+    base = dict(widths=(8, 8, 16, 16), depths=(1, 1, 1, 1), stem_stride=2, embedding_dim=32, head="adaface",
+                batch_size=32, epochs=2, lr=0.05, warmup_epochs=0.5, device="cpu", log_every=2, dropout=0.1,
+                augment="flip+photometric+lowres", data=DataConfig(workers=0))
+    base.update(kw)
+    return TrainConfig(**base)
+

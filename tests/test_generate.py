@@ -1,9 +1,11 @@
 """The generation runner on the miniature Arc2Face: determinism, shard and resume equivalence, the identity gate,
-the manifest, the card and `regenerate` (issue 4)."""
+the manifest, the card and `regenerate` (issue 4); consecutive work units, balanced shards, the threaded engine kept
+byte-identical to the in-line one, failures and interrupts that resume, `batch_size: auto` (issue 12)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ from digi2real.generation.runner import (
     prepare_job,
     read_rows,
     regenerate,
+    shard_images,
     work_units,
 )
 from digi2real.generation.shift import RealismShift
@@ -62,7 +65,8 @@ def encoder(mini_arc2face) -> ArcFaceEncoder:
 
 
 def _job(plan_file, model, encoder, detector_cfg=ANY_FACE, shift=None, **gen):
-    settings = {"steps": 2, "size": 64, "batch_size": 8, **gen}
+    # batch 6 on 5 identities x 4 images: units of rows 0-5, 6-11, 12-17, 18-19, so identities span units (and shards)
+    settings = {"steps": 2, "size": 64, "batch_size": 6, **gen}
     cfg = GenerateConfig(**settings)
     align = AlignConfig(detector=detector_cfg)
     checker = FaceChecker(MTCNN.from_package(align.detector, device="cpu"), encoder, align,
@@ -90,7 +94,8 @@ def _rows(root: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, plan_file, mini_generator, encoder) -> Path:
     out = tmp_path_factory.mktemp("ref") / "dataset"
-    job, _ = _job(plan_file, mini_generator, encoder)
+    # two finishing threads here (the CPU default is in line): every other run below is compared with this one
+    job, _ = _job(plan_file, mini_generator, encoder, workers=2)
     summary = generate_dataset(job, out, progress=False)
     assert summary.written == 20 and summary.rejected == 0
     return out
@@ -112,15 +117,28 @@ def test_dataset_layout_manifest_and_card(reference):
     assert len(row["detection"]["landmarks"]) == 5 and -1 <= row["id_similarity"] <= 1
     record = json.loads((reference / "generation.json").read_text())
     assert record["planned_images"] == 20 and record["settings"]["generate"]["steps"] == 2
+    assert record["settings"]["units"] == "consecutive-v2" and record["settings"]["generate"]["batch_size"] == 6
+    assert "workers" not in record["settings"]["generate"]  # never changes pixels: not compared on resume
+    # where each model ran: in generation.json (the run that started it), the shard's run record, and the card
+    assert "cpu" in record["engine"]["models"]["arc2face"]
+    assert "CPUExecutionProvider" in record["engine"]["models"]["arcface"]
+    assert record["engine"]["models"]["mtcnn"] == "torch cpu" and record["engine"]["engine"]["workers"] == 2
+    assert isinstance(record["engine"]["optimize"], dict)
+    run = json.loads((reference / "manifest" / "shard-00000-of-00001.run.json").read_text())
+    assert run["shard"] == "0/1" and run["models"] == record["engine"]["models"] and run["batch"] == 6
     card = (reference / "card.md").read_text()
     assert "complete: 20 of 20 planned images finished" in card and "20 accepted" in card
+    assert "6 images per work unit (consecutive-v2)" in card
+    assert f"where the models ran (shard 0/1): Arc2Face {run['models']['arc2face']}; ArcFace identity check " in card
 
 
 def test_same_seed_same_images(tmp_path, reference, plan_file, mini_generator, encoder):
     job, _ = _job(plan_file, mini_generator, encoder)
-    generate_dataset(job, tmp_path / "again", progress=False)
+    summary = generate_dataset(job, tmp_path / "again", progress=False)
     assert _files(tmp_path / "again") == _files(reference)
     assert _rows(tmp_path / "again") == _rows(reference)
+    lines = summary.lines()
+    assert lines[1].startswith("models: Arc2Face cpu") and "batch 6 (set), finished in line" in lines[1]
 
 
 def test_three_shards_make_the_same_dataset(tmp_path, reference, plan_file, mini_generator, encoder):
@@ -128,18 +146,47 @@ def test_three_shards_make_the_same_dataset(tmp_path, reference, plan_file, mini
     for i in (2, 0, 1):
         job, _ = _job(plan_file, mini_generator, encoder)
         generate_dataset(job, out, shard=Shard(i, 3), progress=False)
-    assert sorted(p.name for p in (out / "manifest").iterdir()) == [
-        f"shard-0000{i}-of-00003.jsonl" for i in range(3)]
+    assert sorted(p.name for p in (out / "manifest").iterdir()) == sorted(
+        [f"shard-0000{i}-of-00003.jsonl" for i in range(3)] + [f"shard-0000{i}-of-00003.run.json" for i in range(3)])
     assert _files(out) == _files(reference)
     assert _rows(out) == _rows(reference)
+    # the second and the fifth identity span two units owned by two shards, which both wrote into their folders
+    shards_of = {}
+    for r in read_rows(out):
+        shards_of.setdefault(r["identity"], set()).add(r["shard"])
+    assert sum(len(s) > 1 for s in shards_of.values()) == 2
 
 
-def test_work_units_do_not_depend_on_sharding():
-    ids = ["a"] * 3 + ["b"] * 3 + ["c"] * 9 + ["d"] * 2
-    units = [u.tolist() for u in work_units(ids, 6)]
-    assert units == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16]]
-    assert sorted(r for u in units for r in u) == list(range(len(ids)))
-    assert [u.tolist() for u in work_units(ids, 1)] == [[i] for i in range(len(ids))]
+def test_work_units_are_consecutive_full_batches_whatever_the_identities():
+    units = [u.tolist() for u in work_units(17, 6)]
+    assert units == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16]]
+    assert [u.tolist() for u in work_units(4, 1)] == [[0], [1], [2], [3]]
+    assert work_units(0, 8) == []
+
+
+@pytest.mark.parametrize("per_identity, batch", [
+    ([20] * 64, 16),  # the paper's shape, the issue's measurement: [256, 64, 256, 64, ...] with whole identities
+    ([72] * 40, 32),
+    ([5] * 300, 8),
+    ([1] * 2000, 16),
+    ([3, 41, 7, 19, 1, 64, 2, 33] * 40, 16),  # uneven identities
+    ([20] * 1000, 32),
+])
+def test_shards_are_balanced_for_any_plan_shape(per_identity, batch):
+    """Issue 12: the largest of 8 shards holds at most 1.10 x the mean; every unit is a full batch but the last."""
+    units = work_units(sum(per_identity), batch)
+    assert all(len(u) == batch for u in units[:-1]) and 0 < len(units[-1]) <= batch
+    loads = shard_images(units, 8)
+    assert sum(loads) == sum(per_identity)
+    assert max(loads) / (sum(loads) / 8) <= 1.10, loads
+    assert max(loads) - min(loads) <= batch  # at most one unit apart
+
+
+def test_the_issues_measurement_of_whole_identity_units():
+    """Before issue 12 a 20-image identity with batch 16 made units of 16 and 4 images: 8 shards got
+    [256, 64, 256, 64, ...] on 64 identities, the figure `generate --dry-run --shard i/8` printed."""
+    old_units = [np.arange(n) for _ in range(64) for n in (16, 4)]
+    assert shard_images(old_units, 8) == [256, 64] * 4
 
 
 def test_attempt_seeds():
@@ -196,6 +243,13 @@ def test_gate_rejects_and_retries(tmp_path, reference, plan_file, mini_generator
     for r in ok:
         if r["attempt"] == 0:
             assert (tmp_path / "gated" / "images" / r["path"]).read_bytes() == ref[f"images/{r['path']}"]
+    # In line (workers 0: each batch checked and written before the next is rendered) or overlapped on threads,
+    # retries included: the same files and rows.
+    job, _ = _job(plan_file, mini_generator, encoder, gate=GateConfig(min_similarity=threshold, max_retries=2),
+                  keep_raw=True, workers=0, queue=1)
+    generate_dataset(job, tmp_path / "in-line", progress=False)
+    assert _files(tmp_path / "in-line") == _files(tmp_path / "gated")
+    assert _rows(tmp_path / "in-line") == _rows(tmp_path / "gated")
 
 
 def test_no_face_is_rejected_after_retries(tmp_path, plan_file, mini_generator, encoder):
@@ -215,6 +269,144 @@ def test_resume_with_other_settings_is_refused(tmp_path, reference, plan_file, m
     job, _ = _job(plan_file, mini_generator, encoder, steps=3)
     with pytest.raises(ConfigError, match="generate.steps was 2, now 3"):
         generate_dataset(job, reference, progress=False)
+    job, _ = _job(plan_file, mini_generator, encoder, batch_size=8)  # the batch fixes the units: it changes pixels
+    with pytest.raises(ConfigError, match="generate.batch_size was 6, now 8"):
+        generate_dataset(job, reference, progress=False)
+    job, _ = _job(plan_file, mini_generator, encoder, compile=True, channels_last=False)  # kernels: last bits
+    with pytest.raises(ConfigError, match="generate.channels_last was 'auto', now False; generate.compile was "
+                                          "'auto', now True"):
+        generate_dataset(job, reference, progress=False)
+
+
+def test_resume_with_other_workers_or_queue_is_allowed(tmp_path, reference, plan_file, mini_generator, encoder):
+    """``workers`` and ``queue`` only spread the finishing work over threads: a resume may change them."""
+    out = tmp_path / "dataset"
+    shutil.copytree(reference, out)
+    job, _ = _job(plan_file, mini_generator, encoder, workers=0, queue=5)
+    summary = generate_dataset(job, out, progress=False)
+    assert summary.already_done == 20 and summary.written == 0
+    assert json.loads((out / "manifest" / "shard-00000-of-00001.run.json").read_text())["engine"] == {
+        "workers": 0, "queue": 5}
+    assert _files(out) == _files(reference)
+
+
+def test_batch_size_auto_keeps_the_batch_of_the_dataset_it_resumes(tmp_path, reference, plan_file, mini_generator,
+                                                                   encoder):
+    """``batch_size: auto`` resolves from the machine (8 on this CPU), but a dataset started with another batch is
+    resumed with its own: read when the job is prepared, or, when the dataset appeared meanwhile (another shard
+    started it), when generation starts."""
+    out = tmp_path / "dataset"
+    shutil.copytree(reference, out)
+    rows = (out / "manifest" / "shard-00000-of-00001.jsonl").read_text().splitlines(keepends=True)
+    kept = [r for r in rows if json.loads(r)["unit"] != 1]  # unit 1's images are lost: they must be made again
+    (out / "manifest" / "shard-00000-of-00001.jsonl").write_text("".join(kept))
+    fresh, _ = _job(plan_file, mini_generator, encoder, batch_size="auto")
+    assert (fresh.batch, fresh.batch_source) == (8, "auto")
+    summary = generate_dataset(fresh, out, progress=False)  # prepared before the dataset existed: joins it
+    assert (fresh.batch, fresh.batch_source) == (6, "recorded") and summary.written == 6
+    assert _files(out) == _files(reference) and _rows(out) == _rows(reference)
+    cfg = GenerateConfig(steps=2, size=64, batch_size="auto")
+    job, _ = prepare_job(plan_file, out, model=mini_generator, checker=None, cfg=cfg, align=AlignConfig(),
+                         shift=None, shift_path=None, embeddings=None, encoder_hash=encoder.file_hash())
+    assert (job.batch, job.batch_source) == (6, "recorded")
+
+
+def test_shards_starting_together_agree_on_the_batch(tmp_path, reference, plan_file, mini_generator, encoder,
+                                                     monkeypatch):
+    """Two shards launched together both find no dataset; the first to create ``generation.json`` wins (a hard link
+    never replaces a file) and the other, whose ``batch_size: auto`` resolved to another batch on its machine, joins
+    the dataset with the winner's batch instead of being refused or mixing batches."""
+    import digi2real.generation.runner as runner
+    from digi2real.generation.manifest import create_record
+
+    out = tmp_path / "dataset"
+    first, _ = _job(plan_file, mini_generator, encoder)  # batch 6, like the reference
+    loser, _ = _job(plan_file, mini_generator, encoder, batch_size="auto")  # 8 on this CPU
+    assert loser.batch == 8
+
+    def race(out_dir, record):
+        assert create_record(out_dir, {**record, "settings": first.settings})  # the other shard, a moment earlier
+        return create_record(out_dir, record)
+
+    monkeypatch.setattr(runner, "create_record", race)
+    generate_dataset(loser, out, progress=False)
+    assert (loser.batch, loser.batch_source) == (6, "recorded")
+    assert _files(out) == _files(reference) and _rows(out) == _rows(reference)
+    assert json.loads((out / "generation.json").read_text())["settings"] == first.settings
+
+
+def _fail_at(monkeypatch, calls: int, exc: BaseException) -> None:
+    """The runner's image writer raises ``exc`` at its ``calls``-th call (on a worker thread)."""
+    import digi2real.generation.runner as runner
+
+    real, count = runner.write_image, [0]
+
+    def failing(path, image):
+        count[0] += 1
+        if count[0] == calls:
+            raise exc
+        return real(path, image)
+
+    monkeypatch.setattr(runner, "write_image", failing)
+
+
+def _consistent(out: Path) -> None:
+    """Every image a manifest row names is there and whole; no temporary is left."""
+    from digi2real.imageio import read_image
+
+    for r in read_rows(out):
+        if r["path"]:
+            assert read_image(out / "images" / r["path"]).shape == (112, 112, 3)
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_a_failure_on_a_worker_stops_the_run_and_it_resumes_to_the_same_dataset(tmp_path, reference, plan_file,
+                                                                               mini_generator, encoder, monkeypatch):
+    out = tmp_path / "dataset"
+    job, _ = _job(plan_file, mini_generator, encoder)
+    _fail_at(monkeypatch, 8, OSError(28, "No space left on device"))
+    with pytest.raises(OSError, match="No space left on device"):
+        generate_dataset(job, out, progress=False)
+    assert 0 < len(read_rows(out)) < 20
+    _consistent(out)
+    monkeypatch.undo()
+    job, _ = _job(plan_file, mini_generator, encoder)
+    summary = generate_dataset(job, out, progress=False)
+    assert summary.already_done == len(read_rows(out)) - summary.written
+    assert _files(out) == _files(reference) and _rows(out) == _rows(reference)
+
+
+def test_ctrl_c_keeps_the_finished_work_and_it_resumes_to_the_same_dataset(tmp_path, reference, plan_file,
+                                                                          mini_generator, encoder, monkeypatch):
+    """Ctrl-C while the third batch renders, the first two being checked and written by the two workers: those two
+    are finished, the interrupt stops the run, and the next run makes only the rest."""
+    import threading
+
+    out = tmp_path / "dataset"
+    job, _ = _job(plan_file, mini_generator, encoder, workers=2)
+    real_render, real_check, calls, checking = job.render, job.check, [0], threading.Semaphore(0)
+
+    def check(rendered):
+        checking.release()
+        return real_check(rendered)
+
+    def interrupted(task):
+        calls[0] += 1
+        if calls[0] == 3:
+            assert checking.acquire(timeout=120) and checking.acquire(timeout=120)  # both held by the workers
+            raise KeyboardInterrupt
+        return real_render(task)
+
+    monkeypatch.setattr(job, "check", check)
+    monkeypatch.setattr(job, "render", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(job, out, progress=False)
+    assert len(read_rows(out)) == 12  # the two units rendered before the interrupt were finished and kept
+    _consistent(out)
+    job, _ = _job(plan_file, mini_generator, encoder)
+    summary = generate_dataset(job, out, progress=False)
+    assert (summary.already_done, summary.written) == (12, 8)
+    assert _files(out) == _files(reference) and _rows(out) == _rows(reference)
 
 
 def test_dry_run_makes_nothing(tmp_path, plan_file, mini_generator, encoder):
@@ -222,6 +414,10 @@ def test_dry_run_makes_nothing(tmp_path, plan_file, mini_generator, encoder):
     lines = generate_dataset(job, tmp_path / "dry", dry_run=True)
     text = "\n".join(lines)
     assert "to make: 20" in text and "UNet evaluations: 80" in text and "s per image" in text
+    assert "20 images in 4 work units of 6 (batch set)" in text and "images per shard" not in text
+    lines = generate_dataset(job, tmp_path / "dry", shard=Shard(1, 3), dry_run=True)
+    assert "this shard (1/3): 6 in 1 units; to make: 6" in lines[0]
+    assert lines[1] == "images per shard (3 shards): [8, 6, 6]; largest / mean = 1.20"
     assert not (tmp_path / "dry").exists()
 
 

@@ -447,3 +447,76 @@ def test_a_plan_made_with_an_absolute_path_can_move(tmp_path, capsys, mini_arc2f
     code, out, err = _run(capsys, "generate", tmp_path / "b" / "plan.parquet", "-o", tmp_path / "ds", "--dry-run",
                           *_models(mini_arc2face), *FAST)
     assert code == 0 and "to make: 4" in out, err[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ issue 12: the engine
+
+
+def test_a_dataset_cut_into_the_old_work_units_is_refused(tmp_path, capsys, made, mini_arc2face):
+    """A dataset started before issue 12 (whole identities packed per batch, no ``units`` in its settings) would be
+    finished in other batches, so with other pixels: `generate` and `regenerate` refuse it in one line."""
+    dataset = tmp_path / "dataset"
+    shutil.copytree(made / "dataset", dataset)
+    record = json.loads((dataset / "generation.json").read_text())
+    del record["settings"]["units"]
+    (dataset / "generation.json").write_text(json.dumps(record))
+    old = (r"dataset: this dataset was started by an earlier digi2real with other work units \(whole identities "
+           r"packed per batch; now consecutive-v2\), so its images cannot be computed again the same way; ")
+    _refused(capsys, [tmp_path, made], _generate(made, mini_arc2face, dataset),
+             old + "finish it with that version, or generate into a new output folder")
+    _refused(capsys, [tmp_path, made], ["regenerate", dataset, "a/0", "-q"], old + "recompute it with that version")
+
+
+def test_a_write_failing_on_a_worker_is_one_line_and_the_run_resumes(tmp_path, capsys, made, mini_arc2face,
+                                                                     monkeypatch):
+    """The disk fills while a worker thread writes an image: one line, exit 2, nothing half-written visible; the
+    same command afterwards finishes the dataset, identical to an uninterrupted run."""
+    import digi2real.generation.runner as runner
+
+    out = tmp_path / "dataset"
+    real, calls = runner.write_image, [0]
+
+    def full_disk(path, image):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, image)
+
+    monkeypatch.setattr(runner, "write_image", full_disk)
+    code, _, err = _run(capsys, *_generate(made, mini_arc2face, out))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert re.match(r"digi2real: error: .*dataset/images/b/0.png: No space left on device; the disk is full", lines[0])
+    assert not list(out.rglob(".*.tmp"))
+    monkeypatch.undo()
+    code, out_text, err = _run(capsys, *_generate(made, mini_arc2face, out))
+    assert code == 0, err[-2000:]
+    assert {p: b for p, b in _snapshot(out / "images").items()} == {
+        p.replace(str(made / "dataset"), str(out)): b for p, b in _snapshot(made / "dataset" / "images").items()}
+
+
+def test_dry_run_shows_each_shards_images(tmp_path, capsys, made, mini_arc2face):
+    code, out, err = _run(capsys, *_generate(made, mini_arc2face, tmp_path / "ds", "--dry-run", "--batch-size", "1",
+                                             "--shard", "0/3"))
+    assert code == 0, err[-2000:]
+    assert "plan: 4 images in 4 work units of 1 (batch set); this shard (0/3): 2 in 2 units; to make: 2" in out
+    assert "images per shard (3 shards): [2, 1, 1]; largest / mean = 1.50" in out
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"{not json", r"shard-00001-of-00002.run.json: corrupt \(.*\); delete it: the next run of that shard writes it"),
+    (b'{"shard": "1/2", "models": []}', r"run.json: corrupt \('models' missing or of the wrong type\); delete it"),
+])
+def test_a_damaged_run_record_is_one_line(tmp_path, capsys, made, mini_arc2face, content, match):
+    """Another shard's run record (where its models ran, for the card), damaged: refused in one line before anything
+    is written, by `generate` and by the card."""
+    from digi2real.dataset.card import write_card
+    from digi2real.errors import Digi2RealError
+
+    dataset = tmp_path / "dataset"
+    shutil.copytree(made / "dataset", dataset)
+    (dataset / "manifest" / "shard-00001-of-00002.run.json").write_bytes(content)
+    _refused(capsys, [tmp_path, made], _generate(made, mini_arc2face, dataset), match)
+    with pytest.raises(Digi2RealError, match=match):
+        write_card(dataset)

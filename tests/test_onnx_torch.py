@@ -3,7 +3,6 @@ ArcFace files, a real-size IResNet100 export, hand-built mxnet-style graphs and 
 
 from __future__ import annotations
 
-import math
 import threading
 import warnings
 
@@ -20,8 +19,7 @@ from digi2real.errors import ModelError
 from digi2real.faces import onnx_torch
 from digi2real.faces.arcface import ArcFaceEncoder, l2_normalize
 from digi2real.faces.onnx_torch import OPS, OnnxGraph, tf32_round
-from digi2real.miniature import export_face_encoder
-from digi2real.training.iresnet import build_backbone
+from digi2real.miniature import build_scaled_iresnet
 
 TOLERANCE = 1e-4  # issue 12: max |difference| of L2-normalised embeddings against onnxruntime on the CPU
 
@@ -69,28 +67,11 @@ def test_torch_route_embeds_like_onnxruntime_on_the_miniatures(fixture, request)
     assert np.abs(got - want).max() <= TOLERANCE
 
 
-def _random_iresnet(arch, path, **kwargs):
-    """A random IResNet exported as bench_embed does, but scaled as a trained network is: convolutions that keep
-    the variance (N(0, 1/fan_in)), BatchNorm statistics and scales near 1, residual branches entering at 0.2. (With
-    the training initialisation and fresh statistics, 100 layers overflow to NaN: nothing could be compared.)"""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = build_backbone(arch, **kwargs)
-        for name, m in net.named_modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0, math.sqrt(1 / m.weight[0].numel()))
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                if m.weight.requires_grad:  # the embedding's BatchNorm1d keeps its scale at 1
-                    nn.init.normal_(m.weight, 0.2 if name.endswith("bn3") else 1.0, 0.05)
-                    nn.init.normal_(m.bias, 0, 0.05)
-    return export_face_encoder(net.eval(), path)
 
 
 def test_torch_route_embeds_like_onnxruntime_on_a_real_size_iresnet100(tmp_path):
     """The real size: an IResNet100 (261 MB of ONNX, 24 GFLOP an image) as benchmarks/bench_embed.py builds."""
-    path = _random_iresnet("r100", tmp_path / "r100.onnx")
+    path = build_scaled_iresnet("r100", tmp_path / "r100.onnx")
     ours = ArcFaceEncoder.load(EncoderConfig(model=str(path), batch_size=2), route="torch", device="cpu")
     faces = _faces(2, seed=3)
     x = ours.preprocess(faces)
@@ -112,7 +93,7 @@ def test_exact_products_keep_float32_accuracy_where_the_hardware_rounds_to_tf32(
     float32 operands to TF32 (cuDNN's default) then still matches the CPU. Shown here by making the CPU round too, on
     a narrow IResNet18: 3.1e-4 off with TF32 alone, 1.3e-7 with the split (a full IResNet100: 3.2e-4 truncating,
     1.5e-4 rounding to nearest, 2.6e-7 with the split)."""
-    path = _random_iresnet("r18", tmp_path / "r18.onnx", widths=(16, 32, 64, 128))
+    path = build_scaled_iresnet("r18", tmp_path / "r18.onnx", widths=(16, 32, 64, 128))
     x = np.ascontiguousarray((_faces(1, seed=5).transpose(0, 3, 1, 2).astype(np.float32) - 127.5) / 127.5)
     want = l2_normalize(_onnxruntime(path, x))
     graph = OnnxGraph.read(path)

@@ -166,7 +166,7 @@ def test_torchrun_two_processes_make_the_same_dataset(first_run, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-2500:]
     run = tmp_path / "ddp"
-    assert sorted(p.name for p in (run / "dataset" / "manifest").iterdir()) == [
+    assert sorted(p.name for p in (run / "dataset" / "manifest").glob("*.jsonl")) == [
         "shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl"]
     assert _images(run) == reference
     start = json.loads((run / "train" / "train_log.jsonl").read_text().splitlines()[0])

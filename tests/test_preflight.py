@@ -245,3 +245,21 @@ def test_done_stages_need_no_inputs(tmp_path):
     statuses = {**{s: "skip" for s in STAGES}, "report": "run"}
     report = run_preflight(cfg, RunLayout(cfg.output_dir), statuses, "recipe")
     assert report.missing == []
+
+
+def test_gpu_forecast_of_the_recipe_from_the_h200_figures():
+    """Without the weights cached, a GPU machine's forecast of the recipe's generation and training comes from the
+    figures measured on an H200 (5.52 images/s render + alignment; 5,700 images/s training): 400,000 images in about
+    20 h on one, 2.5 h on 8; 30 epochs in about 0.6 h."""
+    from digi2real.preflight import Counts, StageForecast, forecast_lines
+
+    cfg = load_experiment(RECIPE)
+    gpu = Hardware(gpus=("NVIDIA H200 (140 GiB)",), cpus=16, torch="test", onnx_cuda=False)
+    f = StageForecast(Counts(planned=400_000), gpu, flop=12.6e9, params=0)
+    text = "\n".join(forecast_lines(cfg, {"generate": "run", "train": "run"}, f))
+    assert "about 20.1 h on one H200" in text and "2.5 h on 8" in text
+    assert "36 min on one H200" in text or "35 min on one H200" in text
+    f32 = load_experiment(RECIPE, {"train.precision": "fp32", "generate.steps": 50})
+    text = "\n".join(forecast_lines(f32, {"generate": "run", "train": "run"}, f))
+    assert "about 40.3 h on one H200" in text  # twice the steps
+    assert "1.7 h on one H200" in text  # fp32 ran the step at 2,007 against 5,788 images/s

@@ -26,25 +26,12 @@ from digi2real.training import loop
 from digi2real.training.data import ResumableSampler, make_loader, normalize
 from digi2real.training.loop import train
 
-from conftest import ArraySet
+from conftest import ArraySet, tiny_train_cfg
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread, as in the other training tests: on the shared 2-core machine the learning test took 87-286 s
-    with two threads, depending on what else ran, and 77 s with one."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def tiny_cfg(**kw) -> TrainConfig:
-    base = dict(widths=(8, 8, 16, 16), depths=(1, 1, 1, 1), stem_stride=2, embedding_dim=32, head="adaface",
-                batch_size=32, epochs=2, lr=0.05, warmup_epochs=0.5, device="cpu", log_every=2, dropout=0.1,
-                augment="flip+photometric+lowres", data=DataConfig(workers=0))
-    base.update(kw)
-    return TrainConfig(**base)
+tiny_cfg = tiny_train_cfg
 
 
 @pytest.fixture(scope="module")

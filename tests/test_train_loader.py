@@ -29,24 +29,13 @@ from digi2real.training import loop
 from digi2real.training.data import ResumableSampler, RunSampler, make_loader, make_run_loader
 from digi2real.training.loop import train
 
-from conftest import ArraySet
+from conftest import ArraySet, tiny_train_cfg
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a small shared CPU, oversubscribed threads are several times slower than one."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_cfg(**kw) -> TrainConfig:
-    base = dict(widths=(8, 8, 16, 16), depths=(1, 1, 1, 1), stem_stride=2, embedding_dim=32, head="adaface",
-                batch_size=32, epochs=3, lr=0.05, warmup_epochs=0.5, device="cpu", log_every=2, dropout=0.1,
-                augment="flip+photometric+lowres", data=DataConfig(workers=0))
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_cfg(**{"epochs": 3, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -16,30 +16,19 @@ import pytest
 import torch
 from PIL import Image
 
-from digi2real.config import DataConfig, TrainConfig
+from digi2real.config import TrainConfig
 from digi2real.errors import ConfigError, Digi2RealError
 from digi2real.evaluation.bins import read_bin, write_bin
 from digi2real.sources.procedural import render_item
 from digi2real.training.loop import load_verify_sets, train
 
-from conftest import ArraySet
+from conftest import ArraySet, tiny_train_cfg
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a small shared CPU, oversubscribed threads are several times slower than one."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_cfg(**kw) -> TrainConfig:
-    base = dict(widths=(8, 8, 16, 16), depths=(1, 1, 1, 1), stem_stride=2, embedding_dim=32, head="adaface",
-                batch_size=16, epochs=2, lr=0.05, warmup_epochs=0.5, device="cpu", log_every=2, dropout=0.1,
-                augment="flip", data=DataConfig(workers=0))
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_cfg(**{"batch_size": 16, "augment": "flip", **kw})
 
 
 def _encode(img: np.ndarray, fmt: str) -> bytes:

@@ -217,8 +217,10 @@ class GenerateConfig(Section):
         "eager; its warm-up is not counted as throughput); never on the CPU. Can change pixels in the last bits.")
     channels_last: bool | Literal["auto"] = Field(
         "auto", description="UNet and VAE in channels_last memory format on CUDA (auto: on); never on the CPU.")
-    workers: int = Field(2, ge=0, description="Threads that detect, align, check and write the previous batch while "
-                         "the next one is denoised (0: in line, one after the other). Never changes pixels.")
+    workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="Threads that detect, align, check and write the previous batch while the next one is "
+        "denoised (0: in line, one after the other; auto: 2 on CUDA, 0 on the CPU, where the renderer already uses "
+        "every core: 2 threads measured 1.3x slower there). Never changes pixels.")
     queue: int = Field(2, gt=0, description="Rendered batches waiting for those threads at most (bounds memory).")
     shift_weight: float = Field(1.0, description="lambda: weight of the realism shift Delta added to the conditional "
                                 "branch (0: no shift).")

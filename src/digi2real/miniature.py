@@ -62,6 +62,31 @@ def export_face_encoder(model: nn.Module, path: str | Path, normalize_inside: bo
     return path
 
 
+def build_scaled_iresnet(arch: str, path: str | Path, seed: int = 0, **kwargs) -> Path:
+    """A random IResNet (``training.iresnet.build_backbone(arch, **kwargs)``) scaled as a trained network is, exported
+    to ONNX at ``path``: variance-keeping convolutions (N(0, 1/fan_in)), BatchNorm statistics and scales near 1,
+    residual branches entering at 0.2. Its embeddings are finite and depend on the input (with the training
+    initialisation and fresh statistics, 100 layers overflow to NaN), so embeddings from two runtimes can be compared
+    and the real-size ArcFace's compute measured."""
+    import math
+
+    from digi2real.training.iresnet import build_backbone
+
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's global RNG
+        torch.manual_seed(seed)
+        net = build_backbone(arch, **kwargs)
+        for name, m in net.named_modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, math.sqrt(1 / m.weight[0].numel()))
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                if m.weight.requires_grad:  # the embedding's BatchNorm1d keeps its scale at 1
+                    nn.init.normal_(m.weight, 0.2 if name.endswith("bn3") else 1.0, 0.05)
+                    nn.init.normal_(m.bias, 0, 0.05)
+    return export_face_encoder(net.eval(), path)
+
+
 def build_mini_arcface(path: str | Path, seed: int = 0, normalize_inside: bool = False, width: int = 16,
                        dim: int = 512) -> Path:
     """Write a randomly initialised MiniArcFace (seeded, so the same file every time) as ONNX at ``path``."""

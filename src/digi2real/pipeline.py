@@ -64,7 +64,9 @@ def stage_settings(cfg: ExperimentConfig) -> dict[str, Any]:
         "select": {"select": _dump(cfg.select)},
         "plan": {"plan": _dump(cfg.plan)},
         "shift": {"shift": _dump(cfg.shift), "arc2face": _dump(cfg.arc2face), "align": _dump(cfg.align)},
-        "generate": {"generate": _dump(cfg.generate), "align": _dump(cfg.align), "arc2face": _dump(cfg.arc2face)},
+        # workers and queue never change an image: changing them must not re-run generation
+        "generate": {"generate": {k: v for k, v in _dump(cfg.generate).items() if k not in ("workers", "queue")},
+                     "align": _dump(cfg.align), "arc2face": _dump(cfg.arc2face)},
         "pack": {"pack": _dump(cfg.pack)},
         "train": {"train": _dump(cfg.train)},
         "eval": {"eval": _dump(cfg.eval)},
@@ -251,7 +253,9 @@ def run_shift(ctx: Context) -> bool:
     return True
 
 
-def _generation_job(ctx: Context, dry_run: bool = False):
+def _generation_job(ctx: Context, dry_run: bool = False, fresh: bool = False):
+    """The generation job of this run (``fresh``: for a dataset about to be replaced, whose recorded batch size a
+    ``batch_size: auto`` does not keep)."""
     from digi2real.faces.mtcnn import MTCNN
     from digi2real.generation.runner import FaceChecker, prepare_job
     from digi2real.generation.shift import read_shift
@@ -262,9 +266,9 @@ def _generation_job(ctx: Context, dry_run: bool = False):
     gate = ctx.cfg.generate.gate
     checker = None if dry_run else FaceChecker(MTCNN.from_package(ctx.cfg.align.detector), encoder, ctx.cfg.align,
                                                gate.min_similarity, gate.against)
-    job, _ = prepare_job(ctx.layout.plan, ctx.layout.dataset, model=model, checker=checker, cfg=ctx.cfg.generate,
-                         align=ctx.cfg.align, shift=shift, shift_path=shift_path, embeddings=ctx.layout.embeddings,
-                         encoder_hash=encoder.file_hash())
+    job, _ = prepare_job(ctx.layout.plan, None if fresh else ctx.layout.dataset, model=model, checker=checker,
+                         cfg=ctx.cfg.generate, align=ctx.cfg.align, shift=shift, shift_path=shift_path,
+                         embeddings=ctx.layout.embeddings, encoder_hash=encoder.file_hash())
     return job, shift_path
 
 
@@ -427,17 +431,18 @@ def _timed_generation(resolved: ExperimentConfig, layout: RunLayout, statuses: d
     by the dry run when the weights are at hand: exact pending counts from the plan when it is done, else the
     planned count."""
     def lines(status: str, planned: int) -> list[str]:
-        from digi2real.generation.runner import DISK_BYTES, estimate, generate_dataset
+        from digi2real.generation.runner import DISK_BYTES, estimate, generate_dataset, resolve_batch
+        from digi2real.sharding import shard_from_env
 
         ctx = Context(resolved, layout, False, lambda text: None)
         try:
             if layout.plan.is_file() and statuses.get("plan", "skip") == "skip":
-                job, _ = _generation_job(ctx, dry_run=True)
-                return list(generate_dataset(job, layout.dataset, dry_run=True, fresh=status == "rerun"))
+                fresh = status == "rerun"
+                job, _ = _generation_job(ctx, dry_run=True, fresh=fresh)
+                return list(generate_dataset(job, layout.dataset, shard=shard_from_env(), dry_run=True, fresh=fresh))
             g = resolved.generate
             model = _generator(ctx)
-            timing = estimate(model, g, planned, (g.batch_size if g.batch_size != "auto" else 8)
-                              if model.device.type == "cuda" else 1)
+            timing = estimate(model, g, planned, resolve_batch(model, g)[0] if model.device.type == "cuda" else 1)
         except Digi2RealError as exc:
             return [f"time: cannot be measured ({exc})"]
         branches = 2 if g.guidance != 1.0 else 1

@@ -54,6 +54,13 @@ CPU_EMBED_IMAGES_PER_S = 3.22
 CPU_UNET_GUIDED_STEP_S = 14.74
 CPU_VAE_DECODE_S = 23.37
 CPU_TRAIN_R50_IMAGES_PER_S = 1.78
+#: Reference speeds measured on one NVIDIA H200 (shared/gpu/README.md, BENCHMARKS.md "The recipe at GPU scale"):
+#: Arc2Face render + MTCNN alignment at 512 x 512, 25 steps, fp16, batch 32, images/s (the code of 6d96cc7; the
+#: identity check not included); `train` of IResNet50 + AdaFace, fp16, batch 256, steady images/s.
+H200_GENERATE_IMAGES_PER_S = 5.52
+H200_TRAIN_R50_IMAGES_PER_S = 5700.0
+#: The training step's speed by precision there, relative to fp16 (5,788 / 4,791 / 2,007 images/s for the bare step).
+H200_TRAIN_PRECISION = {"fp16": 1.0, "bf16": 4791 / 5788, "fp32": 2007 / 5788}
 #: IResNet50's forward pass at 112 x 112: 6.3 G multiply-adds (FACTS 6), i.e. 12.6 GFLOP; a training step costs about
 #: three forward passes (forward, and a backward of twice its cost).
 R50_FORWARD_FLOP = 12.6e9
@@ -710,8 +717,13 @@ def _generate_work(cfg: ExperimentConfig, status: str, f: StageForecast) -> list
     if cfg.miniature:
         lines.append("time: the miniature models are timed here once the run has built them (seconds in all)")
     elif f.hardware.cuda and cfg.arc2face.device != "cpu":
-        lines.append("time: needs the weights (the forecast times one UNet step on this GPU); no GPU figure is "
-                     "recorded in BENCHMARKS.md")
+        # per-image work scales with the UNet steps and the pixels; the H200 figure is at 25 steps and 512 x 512
+        rate = H200_GENERATE_IMAGES_PER_S * (25 / g.steps) * (512 / g.size) ** 2
+        seconds = planned / rate
+        lines.append(f"time: about {_hours(seconds)} on one H200 ({rate:.2f} images/s, from render + alignment "
+                     f"measured there at {H200_GENERATE_IMAGES_PER_S} images/s at 25 steps, 512 px, fp16: "
+                     f"BENCHMARKS.md), {_hours(seconds / 8)} on 8 (balanced shards); "
+                     "other GPUs differ, and with the weights cached the forecast times one UNet step here")
     else:
         scale, ref = _cpu_scale(f.hardware)
         per = generation_cpu_seconds(cfg) * scale
@@ -730,7 +742,12 @@ def _train_work(cfg: ExperimentConfig, f: StageForecast) -> list[str]:
     lines = [f"{work}: about {steps:,} steps over the {planned:,} planned images (fewer if some are rejected); "
              f"{flop:.2e} FLOP ({f.flop / 1e9:.1f} GFLOP per image forward, x3 for training)"]
     if f.hardware.cuda and t.device != "cpu":
-        lines.append("time: no GPU training figure is recorded in BENCHMARKS.md")
+        # FLOP-scaled from the measured r50 run, and by the precision's measured speed
+        rate = H200_TRAIN_R50_IMAGES_PER_S * R50_FORWARD_FLOP / f.flop * H200_TRAIN_PRECISION[t.precision]
+        seconds = steps * t.batch_size / rate
+        lines.append(f"time: about {_hours(seconds)} on one H200 (r50 + adaface fp16 measured there at "
+                     f"{H200_TRAIN_R50_IMAGES_PER_S:,.0f} images/s, BENCHMARKS.md; scaled by FLOP and precision), about "
+                     f"{_hours(seconds / 8)} on 8 with DDP if it scales linearly (not yet measured)")
     else:
         scale, ref = _cpu_scale(f.hardware)
         rate = CPU_TRAIN_R50_IMAGES_PER_S * 3 * R50_FORWARD_FLOP  # FLOP/s of the measured r50 run

@@ -85,8 +85,27 @@ def _source_kind(record: dict) -> str:
     return "unknown"
 
 
-def render_card(record: dict, rows: list[dict], name: str) -> str:
-    """The card's Markdown (with a YAML header for dataset hubs)."""
+def placement_lines(record: dict, runs: list[dict]) -> list[str]:
+    """Where the models ran (issue 12): one line per distinct placement, with the shards that ran there. From each
+    shard's run record, else from what ``generation.json`` holds of the run that started the dataset."""
+    found = runs or ([{"shard": "?", **record["engine"]}] if isinstance(record.get("engine"), dict) else [])
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for run in found:
+        models = run.get("models") if isinstance(run.get("models"), dict) else {}
+        where = tuple(str(models.get(k, "not recorded")) for k in ("arc2face", "arcface", "mtcnn"))
+        groups.setdefault(where, []).append(str(run.get("shard", "?")))  # type: ignore[arg-type]
+    if not groups:
+        return ["- where the models ran: not recorded (made before digi2real recorded it)"]
+    lines = []
+    for (generator, checker, detector), shards in groups.items():
+        named = ", ".join(shards[:8]) + (f" and {len(shards) - 8} more" if len(shards) > 8 else "")
+        lines.append(f"- where the models ran (shard {named}): Arc2Face {generator}; ArcFace identity check "
+                     f"{checker}; MTCNN {detector}")
+    return lines
+
+
+def render_card(record: dict, rows: list[dict], name: str, runs: list[dict] | None = None) -> str:
+    """The card's Markdown (with a YAML header for dataset hubs). ``runs``: each shard's run record."""
     s = record["settings"]
     g, a = s["generate"], s["align"]
     plan = record.get("plan_meta", {}).get("settings", {})
@@ -133,7 +152,9 @@ def render_card(record: dict, rows: list[dict], name: str) -> str:
         f"seed {plan.get('seed')}",
         f"- generator: Arc2Face `{s['arc2face']['repo']}` (revision {s['arc2face']['revision'] or 'local files'}) "
         f"with the VAE of `{s['arc2face']['base']}`; DPM-Solver++ {g['steps']} steps, guidance {g['guidance']}, "
-        f"{g['size']} x {g['size']}, {s['dtype']} on {s['device']}, {g['batch_size']} images per work unit",
+        f"{g['size']} x {g['size']}, {s['dtype']} on {s['device']}, {g['batch_size']} images per work unit "
+        f"({s.get('units', 'whole identities per unit')})",
+        *placement_lines(record, runs or []),
         f"- realism shift: {'none' if s['shift_sha256'] is None else 'weight ' + str(g['shift_weight'])}"
         + (f" (file sha256 {s['shift_sha256'][:12]}...)" if s["shift_sha256"] else ""),
         f"- alignment: MTCNN thresholds {a['detector']['thresholds']}, min face {a['detector']['min_face_size']} px, "
@@ -179,12 +200,14 @@ def render_card(record: dict, rows: list[dict], name: str) -> str:
 
 def write_card(dataset: Path, name: str | None = None) -> Path:
     """Write ``dataset/card.md`` from its ``generation.json`` and manifests (atomically)."""
-    from digi2real.generation.manifest import CARD_FILE, RECORD_FIX, SETTINGS_FILE, read_record, read_rows
+    from digi2real.generation.manifest import (CARD_FILE, RECORD_FIX, SETTINGS_FILE, read_record, read_rows,
+                                               read_run_records)
 
     record = read_record(dataset, "card")
     rows = read_rows(dataset)
+    runs = read_run_records(dataset)
     try:
-        text = render_card(record, rows, name or dataset.resolve().name)
+        text = render_card(record, rows, name or dataset.resolve().name, runs)
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
         # Only a hand-edited generation.json gets here: ours always holds every setting the card quotes.
         raise Digi2RealError(f"{dataset / SETTINGS_FILE}: corrupt ({type(exc).__name__}: {str(exc)[:80]}); "

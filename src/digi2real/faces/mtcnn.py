@@ -459,6 +459,10 @@ class MTCNN:
 
     @staticmethod
     def _run_task(fn: Any, item: Any) -> Any:
+        # torch sets a thread's intra-op count lazily, at its first parallel call, from a process-wide value: read it
+        # first, so this worker's own setting below never becomes another new thread's default (landmarks then
+        # moved by 2e-5 px between runs in the generation engine's threads).
+        torch.get_num_threads()
         torch.set_num_threads(1)  # this worker thread's OpenMP setting
         with torch.inference_mode():
             return fn(item)

@@ -115,9 +115,11 @@ GENERATE_DESCRIPTION = textwrap.dedent("""\
     full provenance), DATASET/generation.json and DATASET/card.md.
 
     Resumable and shardable: kill it at any moment and run the same command again; nothing is lost or duplicated.
-    Shards (--shard I/N, or torchrun's RANK/WORLD_SIZE, or Slurm's SLURM_PROCID/SLURM_NTASKS) split the work by
-    identity, each with its own manifest; any shard count gives the same images. --dry-run prints the work,
-    disk and time (timed on this device) without generating.""")
+    The plan's rows are cut into work units of --batch-size consecutive rows; shards (--shard I/N, or torchrun's
+    RANK/WORLD_SIZE, or Slurm's SLURM_PROCID/SLURM_NTASKS) take every N-th unit, each with its own manifest, so
+    every shard gets the same number of images within one batch, and any shard count gives the same images.
+    While the GPU denoises a batch, --workers threads detect, align, check and write the batches before it.
+    --dry-run prints the work, each shard's images, disk and time (timed on this device) without generating.""")
 
 
 def _generate_parser(sub: Any) -> None:
@@ -139,9 +141,16 @@ def _generate_parser(sub: Any) -> None:
     s.add_argument("--steps", type=int, help="denoising steps (default 25)")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 3.0)")
     s.add_argument("--size", type=int, help="generated image side in pixels (default 512)")
-    s.add_argument("--batch-size", type=int, help="images per work unit (default 8; halved on out-of-memory)")
+    s.add_argument("--batch-size", type=_batch_flag, metavar="N|auto",
+                   help="images per work unit (default auto: from the GPU's free memory, 8 on the CPU; a resumed "
+                        "dataset keeps its own; halved on out-of-memory). Changes pixels")
     s.add_argument("--keep-raw", action="store_true", default=None, help="also keep the full images under raw/")
     s.add_argument("--format", choices=["png", "jpg"], help="aligned crop format (default png)")
+    s.add_argument("--workers", type=int, metavar="N",
+                   help="threads that finish (align, check, write) batches while the next one renders; 0: in line "
+                        "(default 2). Never changes pixels")
+    s.add_argument("--queue", type=int, metavar="N", help="rendered batches waiting for those threads at most "
+                   "(default 2)")
     g = p.add_argument_group("identity gate")
     g.add_argument("--min-similarity", type=float, metavar="COS",
                    help="reject crops whose ArcFace cosine to their conditioning is below COS (default: off)")
@@ -152,6 +161,16 @@ def _generate_parser(sub: Any) -> None:
     _model_flags(p)
     add_common(p)
     p.set_defaults(func=_cmd_generate)
+
+
+def _batch_flag(text: str) -> int | str:
+    """``--batch-size``: a positive number or ``auto`` (checked by the config)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of images or auto") from None
 
 
 def _read_shift(path: Path | None, model: Any = None) -> Any:
@@ -171,6 +190,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     cfg = load_config(args, {**_model_overrides(args), **given(
         generate__steps=args.steps, generate__guidance=args.guidance, generate__size=args.size,
         generate__batch_size=args.batch_size, generate__keep_raw=args.keep_raw, generate__format=args.format,
+        generate__workers=args.workers, generate__queue=args.queue,
         generate__shift_weight=args.shift_weight, generate__gate__min_similarity=args.min_similarity,
         generate__gate__against=args.gate_against, generate__gate__max_retries=args.max_retries)})
     shard = shard_from_env(args.shard)
@@ -249,14 +269,15 @@ def _cmd_regenerate(args: argparse.Namespace) -> int:
     from digi2real.faces.mtcnn import MTCNN
     from digi2real.fileio import check_apart, confine
     from digi2real.generation.arc2face import Arc2Face
-    from digi2real.generation.runner import (IMAGES_DIR, SETTINGS_FILE, FaceChecker, load_inputs, prepare_job,
-                                             read_record, regenerate)
+    from digi2real.generation.runner import (IMAGES_DIR, SETTINGS_FILE, FaceChecker, check_units, load_inputs,
+                                             prepare_job, read_record, regenerate)
     from digi2real.imageio import read_image, write_image
 
     path = args.dataset / SETTINGS_FILE
     if not path.is_file():
         raise Digi2RealError(f"{path}: not found; is {args.dataset} a dataset written by `digi2real generate`?")
     record = read_record(args.dataset, "regenerate")
+    check_units(args.dataset, record["settings"], "recompute it with that version")
     gen, align, a2f, enc = _record_configs(path, record)
     plan_path = _recorded_input(path, "plan", record["plan"])
     embeddings = _recorded_input(path, "embeddings", record["embeddings"])

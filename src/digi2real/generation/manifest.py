@@ -1,19 +1,23 @@
 """The files of a generated dataset, read and written through one module: the layout (``images/``, ``raw/``,
-``manifest/``, ``generation.json``, ``card.md``), the record of how it was made, and the manifest rows (one per attempt
-at an image, appended by each shard under a lock). The runner writes them; the card, `regenerate`, `pack`, the report
-and `run` read them here.
+``manifest/``, ``generation.json``, ``card.md``), the record of how it was made (created once, by the first shard to
+start), each shard's run record (``manifest/shard-*.run.json``: where its models ran, rewritten by every run of that
+shard) and the manifest rows (one per attempt at an image, appended by each shard under a lock). The runner writes
+them; the card, `regenerate`, `pack`, the report and `run` read them here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import IO, Any
 
 from digi2real.errors import Digi2RealError
-from digi2real.fileio import read_json
+from digi2real.fileio import read_json, temporary_prefix, write_json
 from digi2real.sharding import Shard
 
 IMAGES_DIR = "images"
@@ -54,6 +58,65 @@ def read_record(out_dir: Path, purpose: str = "regenerate") -> dict:
             if not isinstance(settings.get(key), kind):
                 raise Digi2RealError(f"{path}: corrupt ('settings.{key}' missing or of the wrong type); {RECORD_FIX}")
     return record
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # read once, at import: os.umask is process-wide, racy with threads running
+
+
+def create_record(out_dir: Path, record: dict) -> bool:
+    """Write ``generation.json`` unless it exists (False then): shards launched together race to start a dataset,
+    and exactly one record wins, whole, whatever the file system (a hard link never replaces a file; where links are
+    not supported, a rename of a complete temporary)."""
+    path = out_dir / SETTINGS_FILE
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2, sort_keys=True, default=str)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, _FILE_MODE)  # as a plain open() would make it (mkstemp's 0600 would hide it from others)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+# ------------------------------------------------------------------------------------------------------ run records
+
+RUN_FIX = "delete it: the next run of that shard writes it again"
+#: What a shard's run record holds: its shard, where each model ran and how the engine was set up.
+RUN_KEYS: dict[str, type | tuple[type, ...]] = {"shard": str, "models": dict}
+
+
+def run_record_path(out_dir: Path, shard: Shard) -> Path:
+    return out_dir / MANIFEST_DIR / manifest_name(shard).replace(".jsonl", ".run.json")
+
+
+def write_run_record(out_dir: Path, shard: Shard, info: dict) -> None:
+    """This shard's run record (where its models ran, its engine), replaced by each of its runs."""
+    write_json(run_record_path(out_dir, shard), {"shard": str(shard), **info})
+
+
+def read_run_records(out_dir: Path) -> list[dict]:
+    """Every shard's run record, in shard order; one that is not ours is refused with one line."""
+    return [read_json(p, fix=RUN_FIX, keys=RUN_KEYS) for p in sorted((out_dir / MANIFEST_DIR).glob("*.run.json"))]
 
 
 # ------------------------------------------------------------------------------------------------------ manifest
@@ -114,6 +177,26 @@ def read_rows(out_dir: Path) -> list[dict]:
     return rows
 
 
+def _whole_lines(path: Path, chunk: int = 1 << 16) -> int:
+    """The length of ``path`` up to its last newline: what is left when a kill's unterminated last line is cut off.
+    Read from the end, in bytes (a manifest holds a row per attempt: 400 MB at 400K images; a damaged file is refused
+    by :func:`read_rows`, with its line, not here)."""
+    with open(path, "rb") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        position = end
+        while position > 0:
+            start = max(0, position - chunk)
+            handle.seek(start)
+            data = handle.read(position - start)
+            if position == end and data.endswith(b"\n"):
+                return end
+            newline = data.rfind(b"\n")
+            if newline >= 0:
+                return start + newline + 1
+            position = start
+        return 0
+
+
 class ManifestWriter:
     """This shard's manifest, opened for appending under an exclusive lock (a second process on the same shard is
     refused), its unterminated last line from a kill cut off first."""
@@ -128,10 +211,9 @@ class ManifestWriter:
             self.handle.close()
             raise Digi2RealError(f"{path}: another process is generating this shard; give each process its own "
                                  "--shard, or wait for it to finish") from None
-        self.handle.seek(0)
-        data = self.handle.read()
-        if data and not data.endswith("\n"):
-            self.handle.truncate(len(data[: data.rfind("\n") + 1].encode("utf-8")))
+        whole = _whole_lines(path)
+        if whole < os.fstat(self.handle.fileno()).st_size:
+            os.ftruncate(self.handle.fileno(), whole)
         self.handle.seek(0, os.SEEK_END)
 
     def append(self, rows: list[dict]) -> None:
