@@ -24,13 +24,14 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 # The whole method on the built-in miniature (procedural identities, random miniature models): a few minutes on CPU.
+# Configs are named as the package ships them (`digi2real config list`); configs/ links to src/digi2real/configs.
 demo: $(STAMP)
-	$(VENV)/bin/digi2real run configs/demo.yaml
+	$(VENV)/bin/digi2real run demo
 
 # The paper's recipe (a GPU, the hub weights, DigiFace-1M under data/, FFHQ under data/ffhq, benchmarks under
 # data/benchmarks): see README.md.
 run: $(STAMP)
-	$(VENV)/bin/digi2real run configs/digi2real-20k.yaml
+	$(VENV)/bin/digi2real run digi2real-20k
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_embed.py

@@ -37,6 +37,7 @@ stages (each reads the previous one's output; see README.md):
   report    one self-contained HTML page of a run             RUN/ -> RUN/report.html
   download  fetch DigiFace-1M zips (resumable)
   demo      the identity stages on procedural faces (the whole method: make demo)
+  config    the shipped experiment configs: list them, print one or write it out to start your own
 """
 
 
@@ -229,14 +230,19 @@ def _run_parser(sub) -> None:
               3  a stage is not complete yet (run the same command again)
               130 interrupted (run the same command again to resume)
 
+            CONFIG is a YAML file or the name of a shipped config (`digi2real config list`); an existing file
+            always wins. Relative paths in a shipped config (output_dir, data) are relative to the working folder.
+
             examples:
-              digi2real run configs/demo.yaml                       # the built-in miniature (make demo)
-              digi2real run configs/digi2real-20k.yaml              # the paper's recipe (GPU, weights, DigiFace)
-              digi2real run configs/digi2real-20k.yaml --dry-run    # check every input; forecast; write nothing
-              digi2real run configs/digi2real-20k.yaml --until generate
-              digi2real run configs/ablations/alpha-1.yaml --set generate.batch_size=32"""),
+              digi2real run demo                                    # the built-in miniature (make demo)
+              digi2real run digi2real-20k                           # the paper's recipe (GPU, weights, DigiFace)
+              digi2real run digi2real-20k --dry-run                 # check every input; forecast; write nothing
+              digi2real run digi2real-20k --until generate
+              digi2real run ablations/t2-alpha-1 --set generate.batch_size=32
+              digi2real config show digi2real-20k -o mine.yaml && digi2real run mine.yaml   # your own copy"""),
     )
-    p.add_argument("config", type=Path, metavar="CONFIG", help="experiment YAML (configs/*.yaml)")
+    p.add_argument("config", metavar="CONFIG",
+                   help="experiment YAML file, or a shipped config's name (demo, digi2real-20k, ablations/t2-alpha-1)")
     p.add_argument("--from", dest="start", metavar="STAGE", help="start at this stage (earlier ones must be done)")
     p.add_argument("--until", metavar="STAGE", help="stop after this stage")
     p.add_argument("--dry-run", action="store_true",
@@ -256,7 +262,7 @@ def _run_parser(sub) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     import math
 
-    from digi2real.config import load_experiment, parse_override
+    from digi2real.config import load_experiment, parse_override, resolve_config
     from digi2real.liveness import START_ENV, START_TIMEOUT, WAIT_ENV, WAIT_TIMEOUT, timeout_from_env
     from digi2real.pipeline import run_pipeline
     from digi2real.preflight import PreflightError
@@ -265,15 +271,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for item in args.set:
         keys, value = parse_override(item)
         overrides[".".join(keys)] = value
-    if not args.config.is_file():
-        raise Digi2RealError(f"{args.config}: config not found; see configs/ (e.g. configs/demo.yaml)")
+    config = resolve_config(args.config)
     timeouts = {}
     for flag, value, env, default in (("--start-timeout", args.start_timeout, START_ENV, START_TIMEOUT),
                                       ("--wait-timeout", args.wait_timeout, WAIT_ENV, WAIT_TIMEOUT)):
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise Digi2RealError(f"{flag} {value}: must be a positive number of seconds, e.g. {flag} {default:.0f}")
         timeouts[flag] = value if value is not None else timeout_from_env(env, default)
-    cfg = load_experiment(args.config, overrides)
+    cfg = load_experiment(config, overrides)
     try:
         outcome = run_pipeline(cfg, start=args.start, until=args.until, dry=args.dry_run, progress=not args.quiet,
                                origin=str(args.config), start_timeout=timeouts["--start-timeout"],
@@ -336,12 +341,12 @@ def _cmd_download(args: argparse.Namespace) -> int:
 def _demo_parser(sub) -> None:
     p = sub.add_parser(
         "demo", formatter_class=formatter,
-        help="the identity stages on procedural faces, in seconds (the whole method: digi2real run configs/demo.yaml)",
+        help="the identity stages on procedural faces, in seconds (the whole method: digi2real run demo)",
         description="Render procedural identities, build a miniature random ArcFace (ONNX), then embed, select and "
                     "plan exactly as on DigiFace, and align two real photos (scikit-image's astronaut, matplotlib's "
                     "Grace Hopper) with the real MTCNN. Shows the machinery, not realistic faces. Seconds on a CPU. "
                     "For every stage through generation, training, evaluation and the report, run "
-                    "`digi2real run configs/demo.yaml` (what `make demo` does).",
+                    "`digi2real run demo` (what `make demo` does).",
     )
     p.add_argument("-o", "--output", type=Path, default=Path("demo-out"), metavar="DIR", help="where to write")
     p.add_argument("--identities", type=int, default=60, help="procedural identities to render")
@@ -354,6 +359,65 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from digi2real.demo import run_demo
 
     run_demo(args.output, identities=args.identities, keep=args.keep, progress=not args.quiet)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+def _config_parser(sub) -> None:
+    p = sub.add_parser(
+        "config", formatter_class=formatter, help="the shipped experiment configs: list, show, write one out",
+        description=textwrap.dedent("""\
+            The experiment configs ship inside the package: the built-in miniature (demo), the paper's recipe
+            (digi2real-20k), its ablations (ablations/...) and the small CPU check (smoke-cpu). Wherever a command
+            takes a config (`run CONFIG`, `--config`, `extends:` in a YAML) a name works as well as a file; an
+            existing file always wins. To start your own, write one out and edit it, or write a small YAML that
+            says `extends: digi2real-20k` and only what changes."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              digi2real config list                              # every name, with what it is
+              digi2real config show demo                         # print it
+              digi2real config show digi2real-20k -o mine.yaml   # write it out, edit, then: digi2real run mine.yaml
+              printf 'extends: digi2real-20k\\nplan: {alpha: 1.0}\\n' > a1.yaml && digi2real run a1.yaml --dry-run"""),
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=Parser)
+    actions.add_parser("list", help="the shipped configs' names and descriptions").set_defaults(func=_cmd_config_list)
+    show = actions.add_parser(
+        "show", formatter_class=formatter, help="print a shipped config, or write it to a file (-o)",
+        description=textwrap.dedent("""\
+            Print the shipped config NAME as it is (comments included), or write it to FILE (atomically; an existing
+            FILE is kept unless --force). Its `extends:`, if any, names a shipped config, so the copy loads from any
+            folder. NAME may also be written as in a clone (configs/demo.yaml) or with .yaml."""),
+        epilog="examples:\n  digi2real config show ablations/t2-alpha-1\n"
+               "  digi2real config show digi2real-20k -o mine.yaml && digi2real run mine.yaml --dry-run")
+    show.add_argument("name", metavar="NAME", help="a shipped config's name (`digi2real config list`)")
+    show.add_argument("-o", "--output", type=Path, metavar="FILE", help="write it here instead of printing it")
+    show.add_argument("--force", action="store_true", help="replace FILE when it exists")
+    show.set_defaults(func=_cmd_config_show)
+
+
+def _cmd_config_list(args: argparse.Namespace) -> int:
+    from digi2real.config import config_description, packaged_configs
+
+    shipped = packaged_configs()
+    width = max(map(len, shipped))
+    for name, path in shipped.items():
+        print(f"{name:{width}s}  {config_description(path)}")
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from digi2real.config import packaged_config
+    from digi2real.fileio import atomic_open
+
+    text = packaged_config(args.name).read_bytes()
+    if args.output is None:
+        sys.stdout.write(text.decode("utf-8"))
+        return 0
+    if args.output.exists() and not args.force:
+        raise Digi2RealError(f"{args.output}: already exists; choose another file, or add --force to replace it")
+    with atomic_open(args.output, "wb") as handle:
+        handle.write(text)
+    print(f"wrote {args.name} to {args.output}; edit it, then: digi2real run {args.output}")
     return 0
 
 
@@ -407,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(sub)
     _download_parser(sub)
     _demo_parser(sub)
+    _config_parser(sub)
     return parser
 
 

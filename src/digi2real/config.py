@@ -44,6 +44,11 @@ class SourceConfig(Section):
     identities: int = Field(200, gt=0, description="procedural only: number of identities to render.")
     images_per_identity: int = Field(5, gt=0, description="procedural only: images rendered per identity.")
     seed: int = Field(0, ge=0, description="procedural only: seed of the identity parameters and nuisances.")
+    style: Literal["rendered", "real"] = Field(
+        "rendered", description="procedural only: rendered = flat synthetic renders (the DigiFace-1M stand-in); real = "
+        "the same identities drawn like photographs (the miniature's real-image domain).")
+    first_identity: int = Field(0, ge=0, description="procedural only: index of the first identity rendered "
+                                "(disjoint ranges give disjoint identity sets: sources/domains.py).")
 
     @model_validator(mode="after")
     def _path_needed(self) -> "SourceConfig":
@@ -443,14 +448,16 @@ MAX_CONFIG_BYTES = 1 << 20
 def load_yaml(path: str | os.PathLike[str]) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass an existing YAML file (see configs/)")
+        raise ConfigError(f"{path}: config file not found; pass an existing YAML file or a shipped config's name "
+                          "(`digi2real config list`)")
     try:
         raw = path.read_bytes()
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: {len(raw):,} bytes is not a config file (over 1 MiB); pass the experiment YAML")
         data = yaml.load(raw.decode("utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file (not UTF-8); pass the experiment YAML (see configs/)") from None
+        raise ConfigError(f"{path}: not a text file (not UTF-8); pass the experiment YAML (`digi2real config list`)"
+                          ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
@@ -507,9 +514,76 @@ def _merge(base: dict, overlay: dict) -> dict:
     return out
 
 
+#: The experiment configs shipped inside the package (the repository's ``configs/`` links here), so a plain
+#: ``pip install .`` can run ``digi2real run demo`` or the paper's recipe from any folder.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs() -> dict[str, Path]:
+    """Every shipped config by name: its path under the configs folder without ``.yaml`` (``demo``,
+    ``digi2real-20k``, ``ablations/t2-alpha-1``), top-level configs first."""
+    paths = sorted(PACKAGED_CONFIGS.rglob("*.yaml"), key=lambda p: (len(p.relative_to(PACKAGED_CONFIGS).parts), p))
+    return {p.relative_to(PACKAGED_CONFIGS).with_suffix("").as_posix(): p for p in paths}
+
+
+def config_description(path: str | os.PathLike[str]) -> str:
+    """A config's first comment line: what it is, as `digi2real config list` shows it."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith("#") and line.lstrip("# ").strip():
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def _shipped_names() -> str:
+    # The pointer first: the CLI cuts a very long line, and then only the end of the list is lost.
+    return f"shipped configs (`digi2real config list` describes them): {', '.join(packaged_configs())}"
+
+
+def packaged_config(name: str) -> Path:
+    """The shipped config called ``name``; ``demo.yaml`` and the clone's ``configs/demo.yaml`` name it too. An unknown
+    name is a one-line error listing every name (one lookup, one error, like a model registry)."""
+    key = name.strip().replace("\\", "/").removeprefix("./").removeprefix("configs/").removesuffix(".yaml")
+    shipped = packaged_configs()
+    if key not in shipped:
+        raise ConfigError(f"{name}: config file not found, and no shipped config has that name; {_shipped_names()}")
+    return shipped[key]
+
+
+def resolve_config(ref: str | os.PathLike[str]) -> Path:
+    """The YAML file that ``ref`` names: an existing file always wins, else the shipped config of that name."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    try:
+        return packaged_config(os.fspath(ref))
+    except ConfigError:
+        if path.is_dir():  # `run demo` beside a folder called demo still means the shipped config
+            raise ConfigError(f"{path}: is a folder, not a config file; pass an experiment YAML or a shipped config's "
+                              "name (`digi2real config list`)") from None
+        raise
+
+
+def is_packaged(path: str | os.PathLike[str]) -> bool:
+    """Whether a config file is one of the shipped ones (its relative paths are the user's, not the package's)."""
+    return PACKAGED_CONFIGS in Path(path).resolve().parents
+
+
+def _extended(path: Path, parent: Any) -> Path:
+    """What ``extends: parent`` in ``path`` names: a file relative to ``path`` (never ``path`` itself), else a shipped
+    config by name, so a user's own file can say ``extends: digi2real-20k`` from any folder."""
+    relative = (path.parent / str(parent)).resolve()
+    if relative.is_file() and relative != path.resolve():
+        return relative
+    try:
+        return packaged_config(str(parent)).resolve()
+    except ConfigError:
+        raise ConfigError(f"{path}: extends {parent!r}, but {relative} does not exist and no shipped config has that "
+                          f"name; {_shipped_names()}") from None
+
+
 def load_layered(path: str | os.PathLike[str], seen: tuple[Path, ...] = ()) -> dict:
-    """A YAML whose ``extends: other.yaml`` (relative to the file) is deep-merged over that base: ablation configs
-    are small overlays on the recipe they vary."""
+    """A YAML whose ``extends: other.yaml`` (relative to the file, or a shipped config's name) is deep-merged over that
+    base: ablation configs are small overlays on the recipe they vary."""
     path = Path(path)
     data = load_yaml(path)
     if not isinstance(data, dict):
@@ -517,23 +591,23 @@ def load_layered(path: str | os.PathLike[str], seen: tuple[Path, ...] = ()) -> d
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    base_path = (path.parent / str(parent)).resolve()
-    if base_path in seen:
+    base_path = _extended(path, parent)
+    if base_path in seen or base_path == path.resolve():
         raise ConfigError(f"{path}: `extends` loops back to {base_path}")
-    if not base_path.is_file():
-        raise ConfigError(f"{path}: extends {parent!r}, but {base_path} does not exist")
-    return _merge(load_layered(base_path, seen + (base_path,)), data)
+    return _merge(load_layered(base_path, seen + (path.resolve(), base_path)), data)
 
 
 def load_experiment(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Load an experiment YAML (or the defaults when ``path`` is None; ``extends:`` overlays resolved) and apply
-    overrides."""
-    data = load_layered(path) if path is not None else {}
+    """Load an experiment YAML, or a shipped config by name (:func:`resolve_config`), or the defaults when ``path`` is
+    None; ``extends:`` overlays resolved, then the overrides applied."""
+    file = resolve_config(path) if path is not None else None
+    data = load_layered(file) if file is not None else {}
     data = apply_overrides(data, overrides or {})
     cfg = validate_config(ExperimentConfig, data, origin=str(path) if path else "")
-    if path is not None and cfg.source.path is not None and not cfg.source.path.is_absolute():
-        # Relative data paths in a config file are relative to the file, so configs travel with their data.
-        candidate = (Path(path).parent / cfg.source.path)
+    if file is not None and not is_packaged(file) and cfg.source.path is not None and not cfg.source.path.is_absolute():
+        # Relative data paths in a user's config file are relative to the file, so configs travel with their data; a
+        # shipped config's are the user's working directory's (`digi2real run demo` in an empty folder writes there).
+        candidate = (file.parent / cfg.source.path)
         if candidate.exists() and not cfg.source.path.exists():
             cfg.source.path = candidate
     return cfg

@@ -1,8 +1,10 @@
-"""Miniature, randomly initialised stand-ins for the real models, saved in the real formats.
+"""Miniature stand-ins for the real models, in the real formats: the trained ones the package ships, and randomly
+initialised ones built on the fly.
 
-The demo and the tests cannot download Arc2Face's ``arcface.onnx``; they build a small network of the same kind (a
-CNN mapping aligned 112 x 112 RGB crops to a 512-d vector), export it to ONNX and load it through exactly the code a
-user's downloaded file goes through. Its embeddings carry no real identity information: they exercise the machinery.
+The demo and the tests cannot download Arc2Face or its ``arcface.onnx``. The package ships miniatures of the same
+classes *trained* on the built-in renderer's "real"-style faces (``tools/train_miniature.py``; :func:`shipped_models`):
+a small IResNet ArcFace and an Arc2Face stack whose generated faces keep the conditioning identity. The random builders
+below make networks of the same kinds for tests of the machinery alone; their embeddings carry no identity.
 """
 
 from __future__ import annotations
@@ -14,6 +16,26 @@ import torch
 from torch import nn
 
 from digi2real.fileio import atomic_path
+
+
+#: Where the trained miniature models ship: ``Arc2Face/`` (arc2face/, encoder/, arcface.onnx) and ``sd15/`` (vae/,
+#: tokenizer/, scheduler/), the hub layout the loaders read; ``record.json`` says how they were trained.
+SHIPPED = Path(__file__).parent / "assets" / "miniature"
+
+
+def shipped_models() -> tuple[Path, Path]:
+    """The trained miniature Arc2Face repository and SD1.5 base folders shipped in the package (their ArcFace is
+    ``<repo>/arcface.onnx``); a one-line :class:`~digi2real.errors.ModelError` when the package lacks them."""
+    from digi2real.errors import ModelError
+
+    repo, base = SHIPPED / "Arc2Face", SHIPPED / "sd15"
+    needed = [repo / "arc2face" / "config.json", repo / "encoder" / "config.json", repo / "arcface.onnx",
+              base / "vae" / "config.json", base / "tokenizer" / "vocab.json"]
+    missing = [p for p in needed if not p.is_file()]
+    if missing:
+        raise ModelError(f"{missing[0]}: the shipped miniature models are missing from this installation; reinstall "
+                         "digi2real, or in a clone run `python tools/train_miniature.py`")
+    return repo, base
 
 
 class _Normalise(nn.Module):

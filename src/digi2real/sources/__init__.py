@@ -41,7 +41,8 @@ def open_source(cfg: SourceConfig) -> ImageSource:
     if cfg.kind == "procedural":
         from digi2real.sources.procedural import ProceduralSource
 
-        return ProceduralSource(cfg.identities, cfg.images_per_identity, seed=cfg.seed)
+        return ProceduralSource(cfg.identities, cfg.images_per_identity, seed=cfg.seed, style=cfg.style,
+                                first_identity=cfg.first_identity)
 
     from digi2real.sources import digiface, folder
 

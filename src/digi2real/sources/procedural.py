@@ -10,13 +10,22 @@ Images are aligned like ArcFace crops: at frontal pose without jitter the eye ce
 on the ArcFace 5-point template of a 112 x 112 crop (scaled for other sizes). Shapes are signed-distance functions
 with a soft edge, which gives anti-aliasing and defocus blur for the price of one clip per layer.
 
+Two styles draw the same people (issue 13), standing in for the paper's two worlds: ``rendered`` is the flat synthetic
+look above (the DigiFace-1M stand-in), ``real`` draws the same identity and the same nuisances like a photograph (soft
+shading in a coloured key and fill light, relief shadows, skin and hair texture anchored to the face, a cluttered
+out-of-focus room behind, lens blur, sensor noise, JPEG-like blocks): the miniature's "real" image domain. Geometry
+is shared, so :func:`face_landmarks` holds for both.
+
 Determinism: identity ``i`` depends only on ``(seed, i)``, image ``k`` of it only on ``(seed, i, k)``; the same inputs
-give bit-identical pixels on the same platform.
+give bit-identical pixels on the same platform, in either style.
 """
 
 from __future__ import annotations
 
 import cmath
+import dataclasses
+import functools
+import hashlib
 import math
 import os
 import re
@@ -34,6 +43,7 @@ from digi2real.sources.base import ImageSource, SourceItem
 __all__ = [
     "ARCFACE_TEMPLATE_112",
     "RENDERER_VERSION",
+    "STYLES",
     "FaceIdentity",
     "FaceNuisance",
     "ProceduralSource",
@@ -45,11 +55,16 @@ __all__ = [
     "sample_identity",
     "sample_nuisance",
     "template_landmarks",
+    "check_style",
     "write_procedural_tree",
 ]
 
 #: Recorded in artifacts; bump whenever the drawing or the parameter sampling changes, since images then change too.
+#: The ``real`` style is new drawing, not a change: ``rendered`` images are byte-identical to before it existed.
 RENDERER_VERSION = "procedural-faces-1"
+
+#: The two ways of drawing a face: flat synthetic renders (the DigiFace-1M stand-in) and photograph-like images.
+STYLES = ("rendered", "real")
 
 #: ArcFace 5-point template for a 112 x 112 crop (the one in faces.template): faces are drawn onto it.
 ARCFACE_TEMPLATE_112 = ARCFACE_TEMPLATE
@@ -80,6 +95,10 @@ _FAR = 1.0e4
 # Distinct entropy tags keep identity and image streams apart even where (seed, i) and (seed, i, k) could collide.
 _IDENTITY_TAG = 0x1D_F4CE
 _IMAGE_TAG = 0x1A_6E5
+# The real style's extra randomness: a photograph's settings come from the nuisance's own seed, an identity's skin and
+# hair texture from a hash of its parameters, so neither stream above changes (rendered images stay byte-identical).
+_PHOTO_TAG = 0x9407_0
+_TEXTURE_TAG = 0x7E_C5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -746,19 +765,23 @@ def _draw_background(cv: _Canvas, n: FaceNuisance) -> None:
     _paint(img, t, n.background_b)
 
 
-def _draw_body(cv: _Canvas, ident: FaceIdentity, n: FaceNuisance) -> None:
-    """Shoulders in clothes; they follow the crop's similarity jitter but not the head's yaw and pitch."""
+def _draw_body(cv: _Canvas, ident: FaceIdentity, n: FaceNuisance) -> np.ndarray:
+    """Shoulders in clothes; they follow the crop's similarity jitter but not the head's yaw and pitch. Returns their
+    coverage."""
     x = cv.body_u - _MID_X
     x *= x
     # Shoulder line: a parabola that starts below the chin and falls towards the crop corners.
     x *= 0.014
     x -= cv.body_v
     x += ident.chin + 12.0
-    _paint(cv.img, _coverage(x, cv.inv_aa), n.clothes)
+    alpha = _coverage(x, cv.inv_aa)
+    _paint(cv.img, alpha, n.clothes)
+    return alpha
 
 
-def _draw_neck(cv: _Canvas, ident: FaceIdentity) -> None:
-    """A neck column under the chin; it follows the chin sideways but does not turn with the head."""
+def _draw_neck(cv: _Canvas, ident: FaceIdentity) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """A neck column under the chin; it follows the chin sideways but does not turn with the head. Returns its window
+    and coverage there (None when it is off the crop)."""
     half = ident.face_half_width * 0.34
     top = ident.chin - 26.0
     bottom = ident.chin + 14.0
@@ -766,14 +789,16 @@ def _draw_neck(cv: _Canvas, ident: FaceIdentity) -> None:
     neck_x = cv.pose.turn_u(_MID_X)
     sl = cv.body_window(neck_x, 0.5 * (top + bottom), half + 1.0, 0.5 * (bottom - top) + 1.0)
     if sl is None:
-        return
+        return None
     bu, bv = cv.body_u[sl[0], sl[1]], cv.body_v[sl[0], sl[1]]
     dx = np.abs(bu - neck_x)
     dx -= half
     d = np.maximum(dx, top - bv)
     # The collar: the neck ends a little below the chin, where the clothes start.
     d = np.maximum(d, bv - bottom, out=d)
-    _paint(cv.view(sl), _coverage(d, cv.inv_aa), _scaled(ident.skin, 0.78))
+    alpha = _coverage(d, cv.inv_aa)
+    _paint(cv.view(sl), alpha, _scaled(ident.skin, 0.78))
+    return sl, alpha
 
 
 def _hair_outline(cv: _Canvas, ident: FaceIdentity) -> np.ndarray:
@@ -815,11 +840,12 @@ def _paint_hair(cv: _Canvas, alpha: np.ndarray, colour: Colour, ripple: np.ndarr
         cv.img *= shade
 
 
-def _draw_hair_back(cv: _Canvas, ident: FaceIdentity, outline: np.ndarray, ripple: np.ndarray | None) -> None:
-    """The hair mass behind the head: visible around the face and, for long hair, below it."""
+def _draw_hair_back(cv: _Canvas, ident: FaceIdentity, outline: np.ndarray, ripple: np.ndarray | None) -> np.ndarray:
+    """The hair mass behind the head: visible around the face and, for long hair, below it. Returns its coverage."""
     a = _coverage(outline, cv.inv_aa)
     a *= _coverage(cv.v - ident.hair_length, cv.inv_aa)
     _paint_hair(cv, a, _scaled(ident.hair, 0.8), ripple)
+    return a
 
 
 def _draw_ears(cv: _Canvas, ident: FaceIdentity) -> None:
@@ -1140,8 +1166,10 @@ def _draw_brows(cv: _Canvas, ident: FaceIdentity, n: FaceNuisance) -> None:
     _paint(cv.view(sl), _coverage(y, cv.inv_aa), ident.brow_colour)
 
 
-def _draw_hair_front(cv: _Canvas, ident: FaceIdentity, outline: np.ndarray, ripple: np.ndarray | None) -> None:
-    """Hair over the forehead down to the hairline (temples, parting, fringe), and the back of the head."""
+def _draw_hair_front(cv: _Canvas, ident: FaceIdentity, outline: np.ndarray, ripple: np.ndarray | None
+                     ) -> np.ndarray:
+    """Hair over the forehead down to the hairline (temples, parting, fringe), and the back of the head. Returns the
+    distance below the hairline (template px, negative in the hair)."""
     x = cv.u - _MID_X
     xn = x * (1.0 / ident.face_half_width)
     xn *= xn
@@ -1159,9 +1187,11 @@ def _draw_hair_front(cv: _Canvas, ident: FaceIdentity, outline: np.ndarray, ripp
         wave *= -0.45 * ident.fringe
         wave += ident.fringe
         line += wave
-    a = _coverage(cv.v - line, cv.inv_aa)
+    below = cv.v - line
+    a = _coverage(below, cv.inv_aa)
     a *= _coverage(outline, cv.inv_aa)
     _paint_hair(cv, a, ident.hair, ripple)
+    return below
 
 
 def _draw_glasses(cv: _Canvas, ident: FaceIdentity) -> None:
@@ -1263,28 +1293,559 @@ def _light_and_camera(cv: _Canvas, n: FaceNuisance) -> None:
         img += offset
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The real style: the same face, photographed
+#
+# The layers above are drawn unchanged (same geometry, same landmarks); around them a photograph adds a scene behind
+# the person, texture anchored to the face, relief shadows, a coloured key and fill light, and a camera's blur, noise
+# and compression. Every extra random choice comes from the nuisance's seed (per image) or from a hash of the
+# identity's parameters (per person), so the rendered style's streams are untouched.
+
+
+@dataclass(frozen=True, eq=False)
+class _Texture:
+    """One person's skin and hair texture: value-noise grids in [-1, 1] sampled in canonical face coordinates, so the
+    same blotches and strands sit at the same place on the face in every photograph."""
+
+    mottle: np.ndarray  # 32 x 32, cells of 4 template px: blotchy skin colour
+    grain: np.ndarray  # 96 x 96, cells of 1.25 template px: pores and fine grain
+    strands: np.ndarray  # 24 rows of 8 template px down the head x 256 columns across it: hair strands
+    roughness: float  # skin texture amplitude
+    redness: float  # how far blotches shift towards red
+    strand_contrast: float
+    wave: float  # sideways sway of the strands (template px) and its frequency
+    wave_freq: float
+    hair_shadow: float  # how much darker hair photographs than its colour
+
+
+@functools.lru_cache(maxsize=256)
+def _texture_of(identity: FaceIdentity) -> _Texture:
+    """The texture of ``identity``: drawn from a hash of its parameters, hence the same wherever they are the same."""
+    digest = hashlib.blake2b(repr(identity).encode(), digest_size=16).digest()
+    words = [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
+    rng = np.random.default_rng(np.random.SeedSequence([_TEXTURE_TAG, *words]))
+    u = rng.uniform
+    return _Texture(
+        mottle=rng.uniform(-1.0, 1.0, (32, 32)).astype(np.float32),
+        grain=rng.uniform(-1.0, 1.0, (96, 96)).astype(np.float32),
+        strands=rng.uniform(-1.0, 1.0, (24, 256)).astype(np.float32),
+        roughness=float(u(0.03, 0.08)),
+        redness=float(u(0.0, 0.06)),
+        # The identity's own strand strength (rendered style) carries over: wispy hair stays wispy.
+        strand_contrast=float(0.16 + identity.hair_strands + u(0.0, 0.08)),
+        wave=float(u(0.0, 3.0)),
+        wave_freq=float(u(0.05, 0.2)),
+        hair_shadow=float(u(0.15, 0.35)),
+    )
+
+
+@dataclass(frozen=True)
+class _Thing:
+    """A defocused object in the room behind the person (crop coordinates, template px)."""
+
+    kind: int  # 0 box (furniture, door, frame), 1 round (lamp, plant), 2 striped box (shelf, blinds, window bars)
+    x: float
+    y: float
+    w: float
+    h: float
+    angle: float
+    edge: float  # defocus: width of the soft edge
+    colour: Colour
+    stripes: float  # stripe frequency (kind 2)
+
+
+@dataclass(frozen=True)
+class _Photo:
+    """What photographing adds to one image's nuisances (drawn by :func:`_photo_of` from the nuisance's seed)."""
+
+    key: Colour  # colour of the directional key light: a colour temperature, tungsten-warm to shade-blue
+    fill: Colour  # colour and level of the ambient fill light
+    key_strength: float
+    wrap: float  # how far light wraps around the head (soft light) instead of stopping at the terminator
+    specular: float  # skin sheen
+    wall: Colour
+    wall_far: Colour  # the wall's brightness falls off towards this colour across the crop
+    wall_angle: float
+    scene_light: float  # the room behind gets this share of the light on the person (lit subject, dimmer room)
+    things: tuple[_Thing, ...]
+    clothes: Colour
+    occluder: Colour
+    softness: float  # edge width of the drawn layers (the lens blur comes on top)
+    blur: float  # Gaussian lens blur sigma, template px
+    exposure: float
+    vignette: float
+    noise: float  # sensor noise sigma, fraction of full scale
+    chroma: float  # share of the noise that is per-channel colour noise
+    block: float  # JPEG-like 8 x 8 block smoothing (0: none)
+    quantum: float  # JPEG-like value steps in 0..255 units (0: none)
+    noise_seed: int
+
+
+# Colour temperatures of common lights, warm to cool, each scaled to a maximum channel of 1.
+_LIGHTS = [(1.0, 0.76, 0.52), (1.0, 0.88, 0.74), (1.0, 0.97, 0.93), (0.93, 0.96, 1.0), (0.80, 0.89, 1.0)]
+
+
+def _natural_colour(rng: np.random.Generator, saturation: tuple[float, float], value: tuple[float, float]) -> Colour:
+    """A colour of any hue with limited saturation: walls, furniture and clothes are rarely the pure hues that
+    :func:`_random_colour` gives the rendered style."""
+    h, s, v = float(rng.random()), float(rng.uniform(*saturation)), float(rng.uniform(*value))
+    # HSV to RGB: each channel ramps down from v by the hue's distance to it.
+    rgb = []
+    for offset in (0.0, 2.0 / 3.0, 1.0 / 3.0):
+        d = abs(((h + offset) * 6.0) % 6.0 - 3.0)
+        rgb.append(v * (1.0 - s * min(max(2.0 - d, 0.0), 1.0)))
+    return (rgb[0], rgb[1], rgb[2])
+
+
+def _sample_thing(rng: np.random.Generator, indoor: bool) -> _Thing:
+    """One object behind the person: mostly boxes indoors, mostly round shapes (foliage) outdoors."""
+    kind = _pick(rng, (0.55, 0.75, 1.0) if indoor else (0.25, 0.85, 1.0))
+    bright = rng.random() < 0.15  # a window or a lamp
+    colour = _natural_colour(rng, (0.0, 0.15), (0.85, 1.0)) if bright else _natural_colour(
+        rng, (0.05, 0.45) if indoor else (0.2, 0.6), (0.1, 0.8))
+    return _Thing(
+        kind=kind,
+        x=float(rng.uniform(-10.0, 122.0)),
+        y=float(rng.uniform(-10.0, 100.0)),
+        w=float(rng.uniform(4.0, 40.0)),
+        h=float(rng.uniform(4.0, 50.0)),
+        angle=float(rng.normal(0.0, 0.08)),
+        edge=float(rng.uniform(1.0, 6.0)),
+        colour=colour,
+        stripes=float(rng.uniform(0.4, 1.5)),
+    )
+
+
+def _photo_of(nuisance: FaceNuisance) -> _Photo:
+    """The photographic settings of one image, from the nuisance's seed (the same nuisance, the same photograph)."""
+    rng = np.random.default_rng(np.random.SeedSequence([_PHOTO_TAG, nuisance.noise_seed]))
+    u = rng.uniform
+    indoor = rng.random() < 0.75
+    key = _palette(_LIGHTS, float(u(0.0, 1.0)))
+    fill_level = float(u(0.35, 0.65))
+    fill = _scaled(_palette(_LIGHTS, float(u(0.0, 1.0))), fill_level)
+    wall = _natural_colour(rng, (0.0, 0.3), (0.3, 0.9)) if indoor else _natural_colour(rng, (0.1, 0.4), (0.6, 1.0))
+    things = tuple(_sample_thing(rng, indoor) for _ in range(int(rng.integers(2, 8))))
+    jpeg = rng.random() < 0.5
+    return _Photo(
+        key=key,
+        fill=fill,
+        key_strength=float(u(0.45, 0.95)) * (1.0 - 0.5 * fill_level),
+        wrap=float(u(0.1, 0.6)),
+        specular=float(u(0.0, 0.18)),
+        wall=wall,
+        wall_far=_scaled(wall, float(u(0.45, 1.0))),
+        wall_angle=float(u(0.0, 2.0 * math.pi)),
+        scene_light=float(u(0.4, 0.9)) if indoor else float(u(0.75, 1.05)),
+        things=things,
+        clothes=_natural_colour(rng, (0.0, 0.6), (0.08, 0.85)),
+        occluder=_natural_colour(rng, (0.1, 0.5), (0.2, 0.9)),
+        softness=float(u(0.9, 1.5)),
+        blur=float(u(0.25, 1.0)) if rng.random() < 0.85 else float(u(1.0, 1.8)),
+        exposure=float(u(0.85, 1.25)),
+        vignette=float(u(0.0, 0.35)),
+        noise=float(u(0.004, 0.03)),
+        chroma=float(u(0.2, 0.6)),
+        block=float(u(0.05, 0.2)) if jpeg else 0.0,
+        quantum=float(u(2.0, 7.0)) if jpeg else 0.0,
+        noise_seed=int(rng.integers(0, 2**63 - 1)),
+    )
+
+
+def _value_noise(grid: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Smooth noise: ``grid`` interpolated (smoothstep-bilinear) at grid coordinates ``x``, ``y``, clamped to it."""
+    rows, cols = grid.shape
+    x = np.clip(x, 0.0, cols - 1.001)
+    y = np.clip(y, 0.0, rows - 1.001)
+    # Floor in float32 first: subtracting an integer array would promote everything to float64.
+    fx = np.floor(x)
+    fy = np.floor(y)
+    i = fy.astype(np.intp)
+    i *= cols
+    i += fx.astype(np.intp)
+    fx = np.subtract(x, fx, out=fx)
+    fy = np.subtract(y, fy, out=fy)
+    # Smoothstep weights: no creases along the grid lines.
+    fx = fx * fx * (3.0 - 2.0 * fx)
+    fy = fy * fy * (3.0 - 2.0 * fy)
+    flat = grid.ravel()
+    a, b = flat[i], flat[i + 1]
+    i += cols
+    c, d = flat[i], flat[i + 1]
+    b -= a
+    b *= fx
+    a += b
+    d -= c
+    d *= fx
+    c += d
+    c -= a
+    c *= fy
+    a += c
+    return a
+
+
+def _draw_scene(cv: _Canvas, photo: _Photo) -> None:
+    """The room (or street) behind the person: a wall lit unevenly, then defocused objects on it."""
+    img = cv.img
+    img[...] = np.array(photo.wall, dtype=np.float32).reshape(3, 1, 1)
+    ca, sa = math.cos(photo.wall_angle), math.sin(photo.wall_angle)
+    qc = cv.q - 56.0
+    t = (qc * (ca / 112.0))[None, :] + (qc * (sa / 112.0) + 0.5)[:, None]
+    np.clip(t, 0.0, 1.0, out=t)
+    _paint(img, t, photo.wall_far)
+    for thing in photo.things:
+        _draw_thing(cv, thing)
+
+
+def _draw_thing(cv: _Canvas, thing: _Thing) -> None:
+    """One defocused object: a soft-edged box or ellipse, a striped box with darker stripes."""
+    k = cv.k
+    r = max(thing.w, thing.h) * 1.5 + thing.edge
+    x0, x1 = max(int((thing.x - r) * k), 0), min(int((thing.x + r) * k) + 2, cv.size)
+    y0, y1 = max(int((thing.y - r) * k), 0), min(int((thing.y + r) * k) + 2, cv.size)
+    if x0 >= x1 or y0 >= y1:
+        return
+    qx = cv.q[x0:x1] - thing.x
+    qy = cv.q[y0:y1] - thing.y
+    ca, sa = math.cos(thing.angle), math.sin(thing.angle)
+    x = (qx * ca)[None, :] + (qy * sa)[:, None]
+    y = (qx * -sa)[None, :] + (qy * ca)[:, None]
+    if thing.kind == 1:
+        d = _ellipse_distance(x, y, thing.w, thing.h)
+    else:
+        d = np.maximum(np.abs(x) - thing.w, np.abs(y) - thing.h)
+    # The edge is at least one output pixel wide, like every drawn edge.
+    alpha = _coverage(d, 1.0 / max(thing.edge, 1.0 / k))
+    img = cv.img[:, y0:y1, x0:x1]
+    _paint(img, alpha, thing.colour)
+    if thing.kind == 2:
+        stripes = _wave(y * thing.stripes)
+        stripes *= 0.25
+        stripes += 0.25
+        alpha *= stripes
+        _paint(img, alpha, _scaled(thing.colour, 0.45))
+
+
+def _hair_strands(cv: _Canvas, ident: FaceIdentity, tex: _Texture) -> np.ndarray:
+    """Fine strands: noise stretched down the head (long along v, a fraction of a pixel across u), swaying with v."""
+    sway = _wave(cv.v * tex.wave_freq)
+    sway *= tex.wave
+    sway += cv.hair_u
+    # Columns: strands about 0.8 / strand_freq template px apart; rows: 8 px, strands run down the head.
+    sway *= ident.strand_freq / 0.8
+    sway += 8.0
+    rows = cv.v + 20.0
+    rows *= 1.0 / 8.0
+    ripple = _value_noise(tex.strands, sway, rows)
+    ripple *= tex.strand_contrast
+    # Strands shadow each other: hair photographs darker than its colour (as the multiplier 1 + ripple applies it).
+    ripple -= tex.hair_shadow
+    return ripple
+
+
+def _skin_texture(cv: _Canvas, ident: FaceIdentity, tex: _Texture, face_d: np.ndarray) -> np.ndarray:
+    """Blotches and grain on the face, anchored to it; returns the face's coverage (for the light's sheen)."""
+    cover = _coverage(face_d, cv.inv_aa)
+    sl = cv.window(_MID_X, 0.5 * (ident.face_top + ident.chin), ident.face_half_width + 2.0,
+                   0.5 * (ident.chin - ident.face_top) + 2.0)
+    if sl is None:
+        return cover
+    u, v = cv.u[sl], cv.v[sl]
+    mottle = _value_noise(tex.mottle, u * 0.25, v * 0.25)
+    grain = _value_noise(tex.grain, u * 0.8, v * 0.8)
+    grain *= 0.6
+    grain += mottle
+    grain *= tex.roughness * cover[sl]
+    grain += 1.0
+    img = cv.view(sl)
+    img *= grain
+    # Blotches are redder than the skin between them: green and blue drop where the mottle is high.
+    red = np.maximum(mottle, 0.0)
+    red *= -tex.redness * cover[sl]
+    red += 1.0
+    img[1:] *= red
+    return cover
+
+
+def _soft_blob(cv: _Canvas, u0: float, v0: float, rx: float, ry: float, mirror: float | None = None
+               ) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """A smooth bump ``(1 - r^2)^2`` on the face around (u0, v0), radii rx, ry; with ``mirror`` two, one on each side
+    of u0 at that distance. Returns its window and values, None when it is off the crop."""
+    sl = cv.window(u0, v0, rx + (mirror or 0.0) + 1.0, ry + 1.0)
+    if sl is None:
+        return None
+    x = cv.u[sl] - u0
+    if mirror is not None:
+        np.abs(x, out=x)
+        x -= mirror
+    x *= 1.0 / rx
+    x *= x
+    y = cv.v[sl] - v0
+    y *= 1.0 / ry
+    y *= y
+    x += y
+    np.subtract(1.0, x, out=x)
+    np.maximum(x, 0.0, out=x)
+    x *= x
+    return sl, x
+
+
+def _draw_relief(cv: _Canvas, ident: FaceIdentity, face_d: np.ndarray, face: np.ndarray) -> None:
+    """What a flat drawing lacks and a photograph always has: the face darkening as it turns away towards its outline,
+    shadowed eye sockets, shaded sides of the nose, the shadow under it and under the lower lip, a lit nose bridge.
+    ``face`` is the face's coverage: the roundness stops at its outline."""
+    # Roundness: within 12 template px of the outline the face turns away from the camera and the light.
+    edge = face_d * (1.0 / 12.0)
+    edge += 1.0
+    np.clip(edge, 0.0, 1.0, out=edge)
+    edge *= edge
+    edge *= face
+    edge *= -0.35
+    edge += 1.0
+    cv.img *= edge
+    tx, ty = _T[2]
+    half_nose = 0.5 * ident.nose_length
+    shadows = (
+        (_soft_blob(cv, _EYE_MID, _EYE_Y - 3.0, ident.eye_half_width + 5.0, ident.eye_height + 7.0, _EYE_HALF), 0.45),
+        (_soft_blob(cv, tx, ty - half_nose + 1.0, 2.5, half_nose + 1.0, ident.nose_width + 1.0), 0.20),
+        (_soft_blob(cv, tx, ty + 2.5, ident.nose_width + 3.5, 3.0), 0.35),
+        (_soft_blob(cv, _MOUTH_MID, _MOUTH_Y + ident.lower_lip + 3.5, 10.0, 2.8), 0.20),
+        (_soft_blob(cv, tx, ty - half_nose, 1.8, half_nose), -0.15),
+    )
+    for blob, amount in shadows:
+        if blob is not None:
+            sl, weight = blob
+            weight *= -amount
+            weight += 1.0
+            cv.view(sl)[...] *= weight
+
+
+def _shade_hairline(cv: _Canvas, below: np.ndarray, face: np.ndarray) -> None:
+    """The shadow hair casts on the forehead: darkest at the hairline, gone 6 template px below it."""
+    shadow = below * (-1.0 / 6.0)
+    shadow += 1.0
+    np.clip(shadow, 0.0, 1.0, out=shadow)
+    shadow *= shadow
+    shadow *= face
+    shadow *= _coverage(-below, cv.inv_aa)
+    shadow *= -0.3
+    shadow += 1.0
+    cv.img *= shadow
+
+
+def _photo_light(cv: _Canvas, n: FaceNuisance, photo: _Photo, person: np.ndarray, face: np.ndarray) -> None:
+    """Key and fill light: the person is shaded by the head's normals (with wrap-around for soft light) and sheens
+    where the face meets the light's half-vector; the scene behind gets the key's average."""
+    ce = math.cos(n.light_elevation)
+    lx, ly, lz = math.sin(n.light_azimuth) * ce, -math.cos(n.light_azimuth) * ce, math.sin(n.light_elevation)
+    nx = cv.normal_x
+    ny = cv.body_v - _PITCH_CY
+    ny *= 1.0 / 70.0
+    np.clip(ny, -1.0, 1.0, out=ny)
+    nz = nx * nx
+    nz += ny * ny
+    np.subtract(1.0, nz, out=nz)
+    np.maximum(nz, 0.0, out=nz)
+    np.sqrt(nz, out=nz)
+    diffuse = nx * lx
+    diffuse += ny * ly
+    diffuse += nz * lz
+    # Sheen: the half-vector between the light and the camera (0, 0, 1).
+    hx, hy, hz = lx, ly, lz + 1.0
+    norm = 1.0 / math.sqrt(hx * hx + hy * hy + hz * hz)
+    sheen = nx * (hx * norm)
+    sheen += ny * (hy * norm)
+    sheen += nz * (hz * norm)
+    np.maximum(sheen, 0.0, out=sheen)
+    for _ in range(4):  # ^16
+        sheen *= sheen
+    sheen *= face
+    sheen *= photo.specular
+    diffuse += photo.wrap
+    diffuse *= 1.0 / (1.0 + photo.wrap)
+    np.maximum(diffuse, 0.0, out=diffuse)
+    # Behind the person the key falls evenly: blend towards its mean level.
+    diffuse -= 0.5
+    diffuse *= person
+    diffuse += 0.5
+    diffuse *= photo.key_strength
+    img = cv.img
+    gain = np.array(photo.key, dtype=np.float32).reshape(3, 1, 1) * diffuse
+    gain += np.array(photo.fill, dtype=np.float32).reshape(3, 1, 1)
+    # The room is lit less (or, outdoors, about as much) as the person the photographer lit.
+    room = person * (1.0 - photo.scene_light)
+    room += photo.scene_light
+    gain *= room
+    img *= gain
+    img += np.array(photo.key, dtype=np.float32).reshape(3, 1, 1) * sheen
+
+
+def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of a planar 3 x h x w image, edges extended (the lens's defocus)."""
+    radius = max(1, int(math.ceil(2.5 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps = (taps / taps.sum()).astype(np.float32).tolist()
+    h, w = img.shape[1:]
+    for axis, length in ((2, w), (1, h)):
+        pad = [(0, 0), (0, 0), (0, 0)]
+        pad[axis] = (radius, radius)
+        padded = np.pad(img, pad, mode="edge")
+        index: list[slice] = [slice(None)] * 3
+        index[axis] = slice(radius, radius + length)
+        img = padded[tuple(index)] * taps[radius]
+        for j in range(1, radius + 1):
+            index[axis] = slice(radius - j, radius - j + length)
+            side = padded[tuple(index)]
+            index[axis] = slice(radius + j, radius + j + length)
+            side = side + padded[tuple(index)]
+            side *= taps[radius + j]
+            img += side
+    return img
+
+
+def _smooth_blocks(img: np.ndarray, amount: float) -> None:
+    """JPEG-like blockiness: each whole 8 x 8 block of the planar image moves ``amount`` towards its own mean."""
+    blocks = img.shape[1] // 8
+    side = 8 * blocks
+    part = img[:, :side, :side]
+    # Sums by slices rather than .mean over axes: strided reductions are three times slower here.
+    rows = part.reshape(3, side, blocks, 8)
+    sums = rows[..., 0] + rows[..., 1]
+    for j in range(2, 8):
+        sums += rows[..., j]
+    cols = sums.reshape(3, blocks, 8, blocks)
+    means = cols[:, :, 0] + cols[:, :, 1]
+    for j in range(2, 8):
+        means += cols[:, :, j]
+    means *= amount / 64.0
+    tiles = part.reshape(3, blocks, 8, blocks, 8)
+    tiles *= 1.0 - amount
+    tiles += means[:, :, None, :, None]
+    part[...] = tiles.reshape(3, side, side)
+
+
+def _photo_camera(cv: _Canvas, photo: _Photo, skin: Colour) -> np.ndarray:
+    """Exposure and vignetting, lens blur, sensor noise (luminance and colour), JPEG-like blocks and steps; ends in
+    0..255 units offset by 0.5, as :func:`_to_uint8` expects."""
+    img = cv.img
+    qc = (cv.q - 56.0) * (1.0 / 80.0)
+    qc *= qc
+    fall = qc[None, :] + qc[:, None]
+    fall *= -photo.vignette
+    fall += 1.0
+    # Auto-exposure: the camera meters the light that reaches the face and, in part, the face itself (dark skin is
+    # exposed brighter, light skin darker, as face-priority metering does), then errs by the photo's exposure.
+    light = sum(photo.fill) / 3.0 + 0.75 * photo.key_strength * sum(photo.key) / 3.0
+    luma = 0.299 * skin[0] + 0.587 * skin[1] + 0.114 * skin[2]
+    fall *= 255.0 * photo.exposure / light * min(max((0.55 / max(luma, 0.05)) ** 0.4, 0.85), 1.6)
+    img *= fall
+    if photo.blur * cv.k > 0.3:
+        img = _gaussian_blur(img, photo.blur * cv.k)
+    # Noise from uniform integers, as in the rendered style, for speed (a tenth of standard_normal's cost): luminance
+    # grain as the sum of two (triangular, close to Gaussian), colour noise as one per channel.
+    size = cv.size
+    raw = np.random.default_rng(photo.noise_seed).integers(0, 1 << 16, (5, size, size), dtype=np.uint16)
+    sigma = 255.0 * photo.noise
+    grain = raw[0].astype(np.float32)
+    grain += raw[1]
+    grain *= sigma * (1.0 - photo.chroma) * math.sqrt(6.0) / 65536.0
+    grain -= sigma * (1.0 - photo.chroma) * math.sqrt(6.0)
+    colour = raw[2:].astype(np.float32)
+    colour *= sigma * photo.chroma * math.sqrt(12.0) / 65536.0
+    colour += grain - sigma * photo.chroma * math.sqrt(3.0)
+    img += colour
+    if photo.block > 0.0 and size >= 8:
+        _smooth_blocks(img, photo.block)
+    if photo.quantum > 0.0:
+        img *= 1.0 / photo.quantum
+        np.round(img, out=img)
+        img *= photo.quantum
+    img += 0.5
+    return img
+
+
+def _draw_photograph(identity: FaceIdentity, nuisance: FaceNuisance, size: int) -> np.ndarray:
+    """The real style: the rendered style's layers (same geometry) between photographic ones; returns planar
+    0..255 floats."""
+    photo = _photo_of(nuisance)
+    tex = _texture_of(identity)
+    n = dataclasses.replace(nuisance, clothes=photo.clothes, occluder_colour=photo.occluder,
+                            softness=photo.softness, light_strength=photo.key_strength)
+    cv = _Canvas(identity, n, size)
+    _draw_scene(cv, photo)
+    body = _draw_body(cv, identity, n)
+    outline = _hair_outline(cv, identity)
+    strands = _hair_strands(cv, identity, tex)
+    hair = _draw_hair_back(cv, identity, outline, strands)
+    neck = _draw_neck(cv, identity)
+    if neck is not None:  # in the chin's shadow
+        cv.view(neck[0])[...] *= 1.0 - 0.3 * neck[1]
+    _draw_ears(cv, identity)
+    face_d = _draw_face(cv, identity)
+    face = _skin_texture(cv, identity, tex, face_d)
+    _draw_skin_marks(cv, identity)
+    _draw_beard(cv, identity, face_d)
+    _draw_nose(cv, identity, n)
+    _draw_mouth(cv, identity, n)
+    _draw_eyes(cv, identity, n)
+    _draw_brows(cv, identity, n)
+    _draw_relief(cv, identity, face_d, face)
+    _shade_hairline(cv, _draw_hair_front(cv, identity, outline, strands), face)
+    _draw_glasses(cv, identity)
+    _draw_occluder(cv, n)
+    # The person, lit as a rounded body; the rest of the crop is the scene behind.
+    person = 1.0 - body
+    person *= 1.0 - hair
+    person *= 1.0 - _coverage(face_d, cv.inv_aa)
+    if neck is not None:
+        person[neck[0]] *= 1.0 - neck[1]
+    np.subtract(1.0, person, out=person)
+    _photo_light(cv, n, photo, person, face)
+    return _photo_camera(cv, photo, identity.skin)
+
+
+def check_style(style: str) -> str:
+    """``style`` if it is one of :data:`STYLES`; otherwise a ValueError naming the allowed values."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(map(repr, STYLES))}, got {style!r}")
+    return style
+
+
 @overload
 def render_face(
-    identity: FaceIdentity, nuisance: FaceNuisance, size: int = ..., return_landmarks: Literal[False] = ...
+    identity: FaceIdentity, nuisance: FaceNuisance, size: int = ..., return_landmarks: Literal[False] = ...,
+    style: str = ...,
 ) -> np.ndarray: ...
 
 
 @overload
 def render_face(
-    identity: FaceIdentity, nuisance: FaceNuisance, size: int = ..., *, return_landmarks: Literal[True]
+    identity: FaceIdentity, nuisance: FaceNuisance, size: int = ..., *, return_landmarks: Literal[True],
+    style: str = ...,
 ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def render_face(
-    identity: FaceIdentity, nuisance: FaceNuisance, size: int = 112, return_landmarks: bool = False
+    identity: FaceIdentity, nuisance: FaceNuisance, size: int = 112, return_landmarks: bool = False,
+    style: str = "rendered",
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Draw one aligned face crop (``size`` x ``size`` x 3 RGB uint8).
+    """Draw one aligned face crop (``size`` x ``size`` x 3 RGB uint8) in ``style`` (one of :data:`STYLES`).
 
-    With ``return_landmarks`` returns ``(image, landmarks)``, the landmarks as :func:`face_landmarks` gives them.
+    With ``return_landmarks`` returns ``(image, landmarks)``, the landmarks as :func:`face_landmarks` gives them (the
+    same in both styles: a style changes how the face looks, never where it is).
     """
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
         raise ValueError(f"size must be an integer of at least 16 pixels, got {size!r}")
     size = int(size)
+    draw = _draw_photograph if check_style(style) == "real" else _draw_rendering
+    out = _to_uint8(draw(identity, nuisance, size))
+    if return_landmarks:
+        return out, face_landmarks(identity, nuisance, size)
+    return out
+
+
+def _draw_rendering(identity: FaceIdentity, nuisance: FaceNuisance, size: int) -> np.ndarray:
+    """The rendered style: flat layers, one directional shade over everything, then exposure and uniform noise."""
     cv = _Canvas(identity, nuisance, size)
     _draw_background(cv, nuisance)
     _draw_body(cv, identity, nuisance)
@@ -1304,20 +1865,27 @@ def render_face(
     _draw_glasses(cv, identity)
     _draw_occluder(cv, nuisance)
     _light_and_camera(cv, nuisance)
-    img = cv.img
+    return cv.img
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    """Planar 0..255 floats (already offset by +0.5, so truncation rounds) to an interleaved uint8 image."""
     np.clip(img, 0.0, 255.0, out=img)
+    size = img.shape[1]
     out = np.empty((size, size, 3), dtype=np.uint8)
     for ch in range(3):
         np.copyto(out[:, :, ch], img[ch], casting="unsafe")
-    if return_landmarks:
-        return out, face_landmarks(identity, nuisance, size)
     return out
 
 
-def render_item(seed: int, identity: int, k: int, size: int = 112) -> np.ndarray:
-    """Image ``k`` of identity ``identity`` under ``seed``, exactly as :class:`ProceduralSource` renders it."""
+def render_item(seed: int, identity: int, k: int, size: int = 112, style: str = "rendered") -> np.ndarray:
+    """Image ``k`` of identity ``identity`` under ``seed``, exactly as :class:`ProceduralSource` renders it.
+
+    Both styles draw the same person with the same nuisances: only the look differs.
+    """
+    check_style(style)
     ident = sample_identity(identity_rng(seed, identity))
-    return render_face(ident, sample_nuisance(image_rng(seed, identity, k)), size)
+    return render_face(ident, sample_nuisance(image_rng(seed, identity, k)), size, style=style)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1345,23 +1913,29 @@ def max_procedural_images() -> int:
 class ProceduralSource(ImageSource):
     """``identities`` rendered people with ``images_per_identity`` images each, laid out like DigiFace-1M.
 
-    Identity names are ``"0"``, ``"1"``, ...; item paths ``"<identity>/<k>.png"``. Nothing is stored: :meth:`load`
-    renders the image, so any item can be fetched in any order and always gives the same pixels.
+    Identity names are the identity indices ``first_identity`` .. ``first_identity + identities - 1`` as text; item
+    paths ``"<identity>/<k>.png"``. ``style`` is one of :data:`STYLES`; identity ``i`` is the same person in either
+    style and in any source that holds it. Nothing is stored: :meth:`load` renders the image, so any item can be
+    fetched in any order and always gives the same pixels.
     """
 
     kind = "procedural"
 
-    def __init__(self, identities: int, images_per_identity: int, seed: int = 0, size: int = 112) -> None:
+    def __init__(self, identities: int, images_per_identity: int, seed: int = 0, size: int = 112,
+                 style: str = "rendered", first_identity: int = 0) -> None:
         """Validate the settings; nothing is rendered until an item is loaded."""
         checks = (
             ("identities", identities, 1),
             ("images_per_identity", images_per_identity, 1),
             ("seed", seed, 0),
             ("size", size, 16),
+            ("first_identity", first_identity, 0),
         )
         for name, value, low in checks:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ConfigError(f"procedural source: {name} must be an integer >= {low}, got {value!r}")
+        if style not in STYLES:
+            raise ConfigError(f"procedural source: style must be one of {', '.join(map(repr, STYLES))}, got {style!r}")
         limit = max_procedural_images()
         if int(identities) * int(images_per_identity) > limit:
             raise ConfigError(f"procedural source: {identities} x {images_per_identity} images is more than the limit "
@@ -1371,13 +1945,19 @@ class ProceduralSource(ImageSource):
         self.images_per_identity = int(images_per_identity)
         self.seed = int(seed)
         self.size = int(size)
+        self.style = str(style)
+        self.first_identity = int(first_identity)
         # Items are listed identity by identity, so remembering the last identity's parameters saves re-sampling
         # them for every image. One tuple, replaced whole, so concurrent loads never see a half-updated cache.
         self._last_identity: tuple[int, FaceIdentity] | None = None
 
     def describe(self) -> dict:
-        """Kind, counts, seed, crop size and renderer version: enough to re-render every image exactly."""
-        return {
+        """Kind, counts, seed, crop size and renderer version: enough to re-render every image exactly.
+
+        ``style`` and ``first_identity`` appear only when they differ from the defaults, so a default source describes
+        itself (and fingerprints) exactly as before the real style existed.
+        """
+        desc = {
             "kind": self.kind,
             "identities": self.n_identities,
             "images_per_identity": self.images_per_identity,
@@ -1385,19 +1965,28 @@ class ProceduralSource(ImageSource):
             "size": self.size,
             "renderer": RENDERER_VERSION,
         }
+        if self.style != "rendered":
+            desc["style"] = self.style
+        if self.first_identity != 0:
+            desc["first_identity"] = self.first_identity
+        return desc
+
+    def _indices(self) -> range:
+        """The identity indices this source holds."""
+        return range(self.first_identity, self.first_identity + self.n_identities)
 
     def identities(self) -> list[str]:
-        """Identity names ``"0"`` .. ``str(identities - 1)``, in order."""
-        return [str(i) for i in range(self.n_identities)]
+        """Identity names ``str(first_identity)`` .. ``str(first_identity + identities - 1)``, in order."""
+        return [str(i) for i in self._indices()]
 
     def list_items(self, per_identity: int | None = None) -> list[SourceItem]:
-        """Identity 0's images ``0.png, 1.png, ...`` then identity 1's, ...; at most ``per_identity`` each."""
+        """The first identity's images ``0.png, 1.png, ...`` then the next one's, ...; at most ``per_identity`` each."""
         count = self.images_per_identity
         if per_identity is not None:
             if per_identity < 0:
                 raise ValueError(f"per_identity must be >= 0, got {per_identity}")
             count = min(count, int(per_identity))
-        return [SourceItem(str(i), f"{i}/{k}.png") for i in range(self.n_identities) for k in range(count)]
+        return [SourceItem(str(i), f"{i}/{k}.png") for i in self._indices() for k in range(count)]
 
     def _identity(self, i: int) -> FaceIdentity:
         """Parameters of identity ``i``, reusing the last identity asked for."""
@@ -1413,23 +2002,28 @@ class ProceduralSource(ImageSource):
         match = _ITEM_PATH.fullmatch(item.path)
         if match is not None and match.group(1) == item.identity:
             i, k = int(match.group(1)), int(match.group(2))
-            if i < self.n_identities and k < self.images_per_identity:
-                return render_face(self._identity(i), sample_nuisance(image_rng(self.seed, i, k)), self.size)
+            if i in self._indices() and k < self.images_per_identity:
+                nuisance = sample_nuisance(image_rng(self.seed, i, k))
+                return render_face(self._identity(i), nuisance, self.size, style=self.style)
+        last = self.first_identity + self.n_identities - 1
         raise BadImageError(
             f"{item.path}: not an image of the procedural source (identity {item.identity!r}; it has identities "
-            f"0..{self.n_identities - 1} with images 0..{self.images_per_identity - 1}.png each)"
+            f"{self.first_identity}..{last} with images 0..{self.images_per_identity - 1}.png each)"
         )
 
 
 def write_procedural_tree(
-    out_dir: str | Path, identities: int, images_per_identity: int, seed: int = 0, size: int = 112
+    out_dir: str | Path, identities: int, images_per_identity: int, seed: int = 0, size: int = 112,
+    style: str = "rendered", first_identity: int = 0,
 ) -> Path:
     """Render a source to PNG files laid out like unzipped DigiFace-1M: ``<out_dir>/<identity>/<k>.png``.
 
-    Each file is written atomically, so an interrupted run never leaves a truncated PNG. Returns ``out_dir``.
+    Identity folders are named by index (``first_identity`` ..). Each file is written atomically, so an interrupted
+    run never leaves a truncated PNG. Returns ``out_dir``.
     """
     out = Path(out_dir)
-    source = ProceduralSource(identities, images_per_identity, seed=seed, size=size)
+    source = ProceduralSource(identities, images_per_identity, seed=seed, size=size, style=style,
+                              first_identity=first_identity)
     for item in source.list_items():
         write_image(out / item.path, source.load(item))
     return out
