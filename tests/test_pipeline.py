@@ -28,9 +28,9 @@ output_dir: {out}
 source: {{identities: 14}}
 select: {{n: 6}}
 plan: {{images_per_identity: 4, images_per_latent: 2}}
-generate: {{batch_size: 8}}
+generate: {{batch_size: 8, steps: 4}}
 train: {{epochs: 1, batch_size: 12, log_every: 2}}
-report: {{identities: 3, samples: 4, pairs: 200}}
+report: {{identities: 3, samples: 4, pairs: 200, training_identities: 100}}
 """
 
 

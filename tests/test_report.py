@@ -355,3 +355,144 @@ def test_screenshot_is_not_blank(full_run, tmp_path):
     with Image.open(shot) as im:
         arr = np.asarray(im.convert("L"), np.float64)
     assert arr.std() > 5  # text, tables and plots, not a uniform page
+
+
+# ------------------------------------------------------------------------------------------------ not copying (issue 13)
+
+
+FAKE_POOL = {"first": 500, "identities": 3, "images": 4, "size": 64, "style": "real", "seed": 11}
+
+
+@pytest.fixture
+def fake_shipped(tmp_path, monkeypatch) -> Path:
+    """A shipped-models folder whose record.json describes a 3-identity training pool."""
+    import digi2real.miniature
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "record.json").write_text(json.dumps({"recipe": {}, "pool": FAKE_POOL}))
+    monkeypatch.setattr(digi2real.miniature, "SHIPPED", shipped)
+    return shipped
+
+
+@pytest.fixture
+def miniature_run(full_run, tmp_path, fake_shipped) -> Path:
+    """The full run, copied, with `miniature: true` in its config (its encoder stays the run's models/arcface.onnx)."""
+    root = tmp_path / "mini-run"
+    shutil.copytree(full_run, root)
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    cfg["miniature"] = True
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return root
+
+
+def _copying_table(page: Page, cls: str) -> dict[str, list[str]]:
+    rows = next(rows for s, c, rows in page.tables if s == "copying" and cls in c)
+    assert rows[0] == ["cosine (run's ArcFace)", "n", "mean", "5%", "median", "95%", "max"]
+    return {r[0]: r[1:] for r in rows[1:]}
+
+
+def test_not_copying_section_for_a_miniature_run(miniature_run, tmp_path):
+    page = parse(build_report(miniature_run, tmp_path / "page.html"))
+    assert "copying" not in page.notes, page.notes.get("copying")
+    check_self_contained(page)
+    images = _copying_table(page, "images")
+    assert list(images) == ["generated image -> nearest training image", "generated image -> its conditioning identity",
+                            "reference: two images of one training person",
+                            "reference: training image -> nearest image of another training person"]
+    assert [v[0] for v in images.values()] == ["12", "12", str(3 * 6), "12"]  # crops; 3 people x C(4, 2); pool
+    identities = _copying_table(page, "identities")
+    assert [v[0] for v in identities.values()] == ["3", "3", "3", "3"]
+    assert all(-1 <= float(x) <= 1 for v in [*images.values(), *identities.values()] for x in v[1:])
+    assert images_in(page, "copying", "plot") == 1
+    # section 2's crops each beside their nearest training image, then the report.samples closest ones
+    gen = [a for s, a in page.images if s == "copying" and a["class"] == "gen"]
+    near = [a for s, a in page.images if s == "copying" and a["class"] == "nearest"]
+    assert len(gen) == len(near) == IDENTITIES * SAMPLES + SAMPLES
+    # the nearest training image, checked by brute force: every pool image re-rendered and embedded here
+    encoder = ArcFaceEncoder.load(EncoderConfig(model=str(miniature_run / "models" / "arcface.onnx")))
+    pool = encoder(np.stack([render_item(11, 500 + i, k, size=112, style="real") for i in range(3) for k in range(4)]))
+    for g, n in zip(gen[:4], near[:4]):
+        crop = np.asarray(Image.open(miniature_run / "dataset" / "images" / g["title"].split(" ", 1)[1])
+                          .convert("RGB").resize((112, 112), Image.BILINEAR))
+        sims = pool @ encoder(crop[None])[0]
+        best = int(sims.argmax())
+        assert n["title"] == (f"nearest training image: person {500 + best // 4} image {best % 4}, "
+                              f"cosine {sims[best]:.4f}")
+    assert (miniature_run / "models" / "generator_train_embeddings.npz").is_file()
+    text = (tmp_path / "page.html").read_text()
+    assert "Verdict: " in text[text.index('<section id="copying">'):text.index('<section id="acceptance">')]
+
+
+def test_not_copying_cache_reused_and_recomputed(miniature_run, tmp_path, monkeypatch):
+    from digi2real.fileio import sha256_file
+    from digi2real.miniature import build_mini_arcface
+    from digi2real.report import copying
+
+    embedded: list[str] = []
+    real = copying.embed_pool
+    monkeypatch.setattr(copying, "embed_pool", lambda pool, enc: embedded.append(enc.file_hash()) or real(pool, enc))
+    cache = miniature_run / "models" / "generator_train_embeddings.npz"
+    build_report(miniature_run, tmp_path / "1.html")
+    first = (cache.stat().st_ino, cache.read_bytes())
+    page = parse(build_report(miniature_run, tmp_path / "2.html"))
+    assert "copying" not in page.notes and len(embedded) == 1  # the second build reused the cache ...
+    assert (cache.stat().st_ino, cache.read_bytes()) == first  # ... and left it as it was
+    assert "reused from generator_train_embeddings.npz" in (tmp_path / "2.html").read_text()
+
+    build_mini_arcface(miniature_run / "models" / "arcface.onnx", seed=1)  # another encoder: recomputed
+    build_report(miniature_run, tmp_path / "3.html")
+    new_sha = sha256_file(miniature_run / "models" / "arcface.onnx")
+    assert len(embedded) == 2 and embedded[1] == new_sha != embedded[0]
+    with np.load(cache) as data:
+        assert str(data["encoder_sha256"]) == new_sha and data["embeddings"].shape == (12, 512)
+        assert not np.array_equal(data["embeddings"], np.load(io.BytesIO(first[1]))["embeddings"])
+
+    cache.write_bytes(b"not an npz")  # a damaged cache is recomputed, not an error
+    page = parse(build_report(miniature_run, tmp_path / "4.html"))
+    assert "copying" not in page.notes and len(embedded) == 3
+    with np.load(cache) as data:
+        assert data["embeddings"].shape == (12, 512)
+    assert not [p for p in cache.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_not_copying_needs_the_training_set(partial_run, miniature_run, fake_shipped, tmp_path):
+    page = parse(build_report(partial_run, tmp_path / "plain.html"))  # a run on the public Arc2Face
+    [note] = page.notes["copying"]
+    assert "training set" in note and "public Arc2Face does not publish" in note and "miniature: true" in note
+    (fake_shipped / "record.json").unlink()  # shipped models without their training record
+    page = parse(build_report(miniature_run, tmp_path / "no-record.html"))
+    [note] = page.notes["copying"]
+    assert str(fake_shipped / "record.json") in note and "train_miniature.py" in note and "\n" not in note
+    assert not (miniature_run / "models" / "generator_train_embeddings.npz").exists()
+
+
+def test_copy_measures_see_a_copy():
+    from digi2real.report.build import _copying_verdict
+    from digi2real.report.copying import judge, nearest, normalise, prototypes, reference
+
+    rng = np.random.default_rng(0)
+    person = np.repeat(np.arange(3), 4)  # 3 people x 4 images: a person's images share a direction
+    train = normalise(rng.normal(size=(3, 16))[person] + 0.3 * rng.normal(size=(12, 16)))
+    idx, cos = nearest(train[[5, 10]], train)
+    assert idx.tolist() == [5, 10] and np.allclose(cos, 1)  # a copied image is its own nearest, at cosine 1
+    ref = reference(train, 4, seed=0)
+    sims = train @ train.T
+    assert len(ref.same_person) == 18 and np.allclose(np.sort(ref.same_person),
+                                                      np.sort(sims[np.triu(person[:, None] == person, 1)]))
+    brute = np.where(person[:, None] == person, -np.inf, sims).max(axis=1)
+    assert np.allclose(np.sort(ref.other_person), np.sort(brute))
+    names, protos = prototypes(train[4:8], np.array(["copy"] * 4))  # a generated identity = training person 1
+    pidx, pcos = nearest(protos, ref.prototypes)
+    assert names.tolist() == ["copy"] and pidx.tolist() == [1] and np.allclose(pcos, 1)
+
+    copied = judge(cos, ref.other_person, ref.same_person)
+    assert copied.decidable and copied.copying and copied.reaching == 2 and copied.copy == np.median(ref.same_person)
+    text = _copying_verdict(cos, np.zeros(2), pcos, ref, 4.0)
+    assert 'class="bad"' in text and "generated images and identities sit nearer the copy level" in text
+    new = judge(ref.other_person, ref.other_person, ref.same_person)  # new faces sit at the new-face level
+    assert new.decidable and not new.copying
+    far = _copying_verdict(ref.other_person, np.ones(12), ref.nearest_identity, ref, 4.0)
+    assert 'class="ok"' in far and "no sign of copying" in far
+    blind = reference(normalise(rng.normal(size=(12, 16))), 4, seed=0)  # an encoder blind to these people
+    assert not judge(np.ones(2), blind.other_person, blind.same_person).decidable

@@ -41,7 +41,8 @@ def formatter(prog: str) -> argparse.HelpFormatter:
 def add_common(p: argparse.ArgumentParser) -> None:
     """--config, --set and -q, as every stage command takes them."""
     p.add_argument("--config", type=Path, metavar="YAML",
-                   help="experiment config (e.g. configs/digi2real-20k.yaml); flags override its values")
+                   help="experiment config: a YAML file or a shipped config's name (e.g. digi2real-20k; `digi2real "
+                   "config list`); flags override its values")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value by dotted key, e.g. --set plan.alpha=1 (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

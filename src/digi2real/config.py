@@ -141,6 +141,10 @@ class AlignConfig(Section):
 
     size: int = Field(112, gt=0, description="Side of the aligned square crop (the template is scaled from 112).")
     format: Literal["png", "jpg"] = Field("png", description="File format of aligned crops.")
+    input: Literal["photo", "aligned"] = Field(
+        "photo", description="photo: detect the face with MTCNN and align its five landmarks (the paper's step); "
+        "aligned: the images are already ArcFace-aligned square crops (the built-in renderer's framing, the shipped "
+        "miniature generator's output, insightface-style datasets), scaled to `size` without detection.")
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
 
 
@@ -340,15 +344,19 @@ class ReportConfig(Section):
     samples: int = Field(6, gt=0, description="Generated images shown per identity.")
     pairs: int = Field(3000, gt=0, description="Genuine and impostor pairs drawn for the similarity histograms.")
     seed: int = Field(0, ge=0, description="Seed of every random choice in the report.")
+    training_identities: int | None = Field(
+        None, gt=0, description="Miniature runs: compare the generated faces with the first this many of the "
+        "generator's training identities in the not-copying section (null: all of them; embedded once per run).")
 
 
 class ExperimentConfig(Section):
     """A whole experiment: one section per stage."""
 
     name: str = Field("experiment", min_length=1, description="Name used in reports and dataset cards.")
-    miniature: bool = Field(False, description="`run`: build and use miniature random models (Arc2Face layout and "
-                            "ArcFace ONNX) and a procedural verification set instead of real weights and benchmarks: "
-                            "the demo. Shows the machinery, not realistic faces.")
+    miniature: bool = Field(False, description="`run`: use the miniature models shipped with the package (trained "
+                            "here on procedural real-style faces; Arc2Face layout and ArcFace ONNX), real-style "
+                            "procedural photos for the shift and a verification set of held-out real-style people, "
+                            "instead of real weights, FFHQ and benchmarks: the demo.")
     output_dir: Path = Field(Path("runs/experiment"), description="Where every stage writes its artifacts.")
     source: SourceConfig = Field(default_factory=lambda: SourceConfig(kind="procedural"))
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)

@@ -220,12 +220,13 @@ def build_mini_arc2face(root: str | Path, seed: int = 0, size: int = 64) -> tupl
 
 
 def write_procedural_pairs(folder: str | Path, identities: int = 40, images: int = 4, seed: int = 1000,
-                           pairs: int = 300) -> Path:
+                           pairs: int = 300, style: str = "rendered", first_identity: int = 0) -> Path:
     """A verification set of procedural identities (aligned 112 x 112 PNGs) with a pairs file, for miniature runs.
 
     ``folder/<identity>/<k>.png`` and ``folder/pairs.txt`` (lines ``a.png b.png 1|0``: half genuine pairs, half
     impostors, alternating as in LFW's folds), all from ``seed``: choose a seed the training source does not use,
-    so the identities are unseen. Returns the pairs file.
+    so the identities are unseen, or (``first_identity``) a range nobody trains on (sources/domains.REAL_TEST).
+    ``style``: how they are drawn (rendered or real). Returns the pairs file.
     """
     import numpy as np
 
@@ -237,7 +238,7 @@ def write_procedural_pairs(folder: str | Path, identities: int = 40, images: int
         for k in range(images):
             path = folder / f"{i:04d}" / f"{k}.png"
             if not path.is_file():
-                write_image(path, render_item(seed, i, k))
+                write_image(path, render_item(seed, first_identity + i, k, style=style))
     rng = np.random.default_rng(seed)
     lines = []
     for n in range(pairs):

@@ -25,6 +25,7 @@ from digi2real.errors import Digi2RealError
 from digi2real.fileio import clean_temporaries, read_json, sha256_json, write_json, write_text
 from digi2real.layout import RunLayout
 from digi2real.liveness import START_TIMEOUT, WAIT_TIMEOUT, Heartbeat, Waiter, Watch
+from digi2real.sources.domains import REAL_TEST, REAL_TRAIN
 
 STAGES = ("embed", "select", "plan", "shift", "generate", "pack", "train", "eval", "report")
 #: Stages every process takes part in when `run` is launched by torchrun/Slurm: generation (each process its shard)
@@ -42,10 +43,12 @@ def resolved_config(cfg: ExperimentConfig, layout: RunLayout) -> ExperimentConfi
     or the generated folder) and, in miniature runs, the procedural verification set and real photos."""
     cfg = cfg.model_copy(deep=True)
     if cfg.miniature:
-        repo = layout.models / "Arc2Face"
+        from digi2real.miniature import shipped_models
+
+        repo, base = shipped_models()
         cfg.encoder.model = str(repo / "arcface.onnx")
         cfg.arc2face.repo = str(repo)
-        cfg.arc2face.base = str(layout.models / "sd15")
+        cfg.arc2face.base = str(base)
         cfg.eval.pairs = {"procedural": layout.benchmarks / "procedural" / "pairs.txt", **cfg.eval.pairs}
         if cfg.shift.real is None:
             cfg.shift.real = layout.models / "real"
@@ -359,27 +362,38 @@ RUNNERS: dict[str, Callable[[Context], bool]] = {
 # ------------------------------------------------------------------------------------------------------ miniature
 
 
-def prepare_miniature(layout: RunLayout, cfg: ExperimentConfig, say: Callable[[str], None]) -> None:
-    """The demo's stand-ins, made once: miniature models, two real photos aligned (the shift's real side) and a
-    procedural verification set of identities never used for training (image files + pairs file)."""
-    from digi2real.miniature import build_mini_arc2face, write_procedural_pairs
+#: Written once the miniature run's stand-ins exist (the ``.ready`` of earlier versions marked random models).
+MINIATURE_READY = ".ready-trained"
+#: The miniature's real photographs (the realism shift's real side, FFHQ's part in the paper): real-style faces of
+#: people neither the shipped models were trained on (their first identities) nor anyone is evaluated on.
+MINIATURE_REAL_PHOTOS = (REAL_TRAIN.first + 90_000, 100)
 
-    ready = layout.models / ".ready"
+
+def prepare_miniature(layout: RunLayout, cfg: ExperimentConfig, say: Callable[[str], None]) -> None:
+    """The demo's stand-ins, made once: the shipped trained miniature models (checked), real-style photographs for
+    the shift's real side, and a verification set of held-out real-style identities (sources/domains.REAL_TEST:
+    image files + pairs file), the miniature's LFW."""
+    from digi2real.imageio import write_image
+    from digi2real.miniature import shipped_models, write_procedural_pairs
+    from digi2real.sources.procedural import render_item
+
+    ready = layout.models / MINIATURE_READY
     if ready.is_file():
         return
-    if not (layout.models / "sd15" / "scheduler" / "scheduler_config.json").is_file():
-        build_mini_arc2face(layout.models, seed=0, size=cfg.generate.size)
-        say(f"miniature Arc2Face, SD1.5 parts and ArcFace (random weights) -> {layout.models}")
+    repo, _ = shipped_models()
+    say(f"miniature Arc2Face, SD1.5 parts and ArcFace (trained, shipped) <- {repo.parent}")
     real = layout.models / "real"
-    if not real.is_dir():
-        from digi2real.demo import align_sample_photos
-
-        align_sample_photos(real)
+    first, count = MINIATURE_REAL_PHOTOS
+    for i in range(count):
+        path = real / f"{first + i}.png"
+        if not path.is_file():
+            write_image(path, render_item(cfg.source.seed, first + i, 0, style="real"))
     pairs = layout.benchmarks / "procedural" / "pairs.txt"
     if not pairs.is_file():
-        write_procedural_pairs(pairs.parent, identities=40, images=4, seed=cfg.source.seed + 1000)
-        say(f"procedural verification set (unseen identities) -> {pairs}")
-    write_text(ready, "miniature models, real photos and verification set are complete\n")
+        write_procedural_pairs(pairs.parent, identities=60, images=4, seed=cfg.source.seed, style="real",
+                               first_identity=REAL_TEST.first)
+        say(f"verification set of held-out real-style identities -> {pairs}")
+    write_text(ready, "miniature models checked, real photos and verification set are complete\n")
 
 
 # ------------------------------------------------------------------------------------------------------ run
@@ -466,7 +480,7 @@ def dry_run(cfg: ExperimentConfig, layout: RunLayout, statuses: dict[str, str], 
     resolved = resolved_config(cfg, layout)
 
     def generation(weights):
-        ready = (layout.models / ".ready").is_file() if cfg.miniature else all(c.status == OK for c in weights)
+        ready = (layout.models / MINIATURE_READY).is_file() if cfg.miniature else all(c.status == OK for c in weights)
         return _timed_generation(resolved, layout, statuses) if ready else None
 
     report = run_preflight(cfg, layout, statuses, origin, forecast=True, generation=generation)
@@ -595,7 +609,7 @@ def _follow_all(ctx: Context, cfg: ExperimentConfig, stages: list[str], fps: dic
     waiter.until(lambda: waiter.watches["rank 0"].started or None, "rank 0 to start this launch")
     with Heartbeat(layout.heartbeat(ctx.rank), session, ctx.rank):
         if cfg.miniature:
-            waiter.until(lambda: (layout.models / ".ready").is_file() or None,
+            waiter.until(lambda: (layout.models / MINIATURE_READY).is_file() or None,
                          f"rank 0 to build the miniature models in {layout.models}")
         outcome: dict[str, str] = {}
         for stage in STAGES:

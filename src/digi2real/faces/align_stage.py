@@ -166,6 +166,8 @@ def _settings(cfg: "AlignConfig") -> dict:
             "pick": d.pick,
             "pad_retry": d.pad_retry,
         },
+        # recorded only when set, so folders and datasets made before the setting existed still resume
+        **({"input": cfg.input} if cfg.input != "photo" else {}),
     }
 
 

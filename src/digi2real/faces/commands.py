@@ -30,7 +30,7 @@ EPILOG = textwrap.dedent("""\
       digi2real align photos/ -o aligned/
       digi2real align ffhq_subset/ -o ffhq_aligned/ --format jpg --batch-size 16
       digi2real align ijb_frames/ -o out/ --thresholds 0.6,0.7,0.9 --factor 0.85 --pick central
-      digi2real align photos/ -o aligned/ --config configs/digi2real-20k.yaml --device cuda
+      digi2real align photos/ -o aligned/ --config digi2real-20k --device cuda
 
     report row:
       {"src": "id7/3.jpg", "dst": "id7/3.png", "status": "ok", "box": [x1, y1, x2, y2],

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from digi2real.errors import BadImageError
-from digi2real.faces.template import align_face
+from digi2real.faces.template import align_face, template_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from digi2real.config import AlignConfig, DetectorConfig
@@ -195,6 +195,23 @@ def _settings_text(dcfg: "DetectorConfig") -> str:
     return f"MTCNN thresholds {t}, min face {dcfg.min_face_size} px"
 
 
+def _already_aligned(arrays: dict[int, np.ndarray], results: list, cfg: "AlignConfig", keep_crops: bool,
+                     labels: Sequence[str]) -> list[FaceResult]:
+    """``align.input: aligned``: each image is an ArcFace-aligned square crop already, so its landmarks are the
+    template's at its size and the crop is the same similarity alignment (a pure scaling) to ``cfg.size``."""
+    for i, arr in arrays.items():
+        h, w = arr.shape[:2]
+        lm = template_for(w).astype(np.float64) if h == w else None
+        if lm is None:
+            results[i] = FaceResult(BAD_IMAGE, width=w, height=h, reason=f"{labels[i]} is {w}x{h}: align.input "
+                                    "'aligned' takes square crops; use align.input 'photo' to detect the face")
+            continue
+        results[i] = FaceResult(OK, box=[0.0, 0.0, float(w), float(h)], landmarks=lm.tolist(), score=None,
+                                attempt="aligned", faces=1, width=w, height=h,
+                                crop=align_face(arr, lm, cfg.size) if keep_crops else None)
+    return [r if r is not None else FaceResult(ERROR, reason="internal: image was not processed") for r in results]
+
+
 def detect_and_align(
     images: Sequence[Any],
     detector: "MTCNN | None" = None,
@@ -243,6 +260,8 @@ def detect_and_align(
             continue
         arrays[i] = arr
 
+    if cfg.input == "aligned":
+        return _already_aligned(arrays, results, cfg, keep_crops, labels)
     found: dict[int, tuple[Detections, str]] = {}
     order = list(arrays)
     for i, det in zip(order, _detect_many(detector, [arrays[i] for i in order])):

@@ -1,5 +1,6 @@
 """`digi2real report`: one self-contained HTML page of a run directory (settings, samples, the realism map, identity
-similarity, acceptance, training curves, benchmarks). See :mod:`digi2real.report.build`."""
+similarity, not copying the generator's training set, acceptance, training curves, benchmarks). See
+:mod:`digi2real.report.build`."""
 
 from __future__ import annotations
 

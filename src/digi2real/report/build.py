@@ -10,17 +10,20 @@ configured, gives a short "not available: <why>" note, never an error):
    before and after adding ``generate.shift_weight * Delta``, plus the gap numbers stored with the shift;
 4. identity similarity: genuine vs impostor ArcFace cosine, for the source embeddings and for generated crops
    (embedded here with the run's encoder), ``report.pairs`` pairs each, drawn with ``report.seed``;
-5. generation gate and acceptance: the dataset card's statistics, rejection reasons, similarity distributions;
-6. training curves from ``train/train_log.jsonl``;
-7. benchmarks: ``eval/results.json`` in the paper's tables beside the paper's rows, and the ROC plots.
+5. not copying (miniature runs): the nearest training image of each generated image and the closest training identity
+   of each generated identity, beside the training set's own reference cosines (:mod:`digi2real.report.copying`);
+6. generation gate and acceptance: the dataset card's statistics, rejection reasons, similarity distributions;
+7. training curves from ``train/train_log.jsonl``;
+8. benchmarks: ``eval/results.json`` in the paper's tables beside the paper's rows, and the ROC plots.
 """
 
 from __future__ import annotations
 
+
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +45,10 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("samples", "2. Identity samples"),
     ("realism", "3. Realism map (paper Figure 3)"),
     ("similarity", "4. Identity similarity"),
-    ("acceptance", "5. Generation gate and acceptance"),
-    ("training", "6. Training curves"),
-    ("benchmarks", "7. Benchmarks"),
+    ("copying", "5. Not copying"),
+    ("acceptance", "6. Generation gate and acceptance"),
+    ("training", "7. Training curves"),
+    ("benchmarks", "8. Benchmarks"),
 )
 
 
@@ -62,6 +66,7 @@ class Run:
     layout: RunLayout
     cfg: Any  # ExperimentConfig
     _cache: dict[str, Any] = field(default_factory=dict)
+    _crops: dict[str, np.ndarray | None] = field(default_factory=dict)  # crop path -> embedding (None: unreadable)
 
     def _get(self, key: str, load: Callable[[], Any]) -> Any:
         if key not in self._cache:
@@ -150,6 +155,35 @@ class Run:
             except Digi2RealError as exc:
                 raise NotAvailable(f"the run's ArcFace encoder cannot be loaded ({exc})") from None
         return self._get("encoder", load)
+
+    def crop_embeddings(self, rows: list[dict]) -> tuple[np.ndarray, list[dict]]:
+        """The run encoder's embeddings of accepted crops (manifest rows), each crop embedded once per report
+        whichever sections show it; rows whose image cannot be read are left out. Returns (embeddings, their rows)."""
+        from PIL import Image
+
+        from digi2real.generation.manifest import IMAGES_DIR
+        from digi2real.imageio import read_image
+
+        todo = list(dict.fromkeys(r["path"] for r in rows if r["path"] not in self._crops))
+        if todo:
+            encoder = self.encoder()
+            crops, read = [], []
+            for path in todo:
+                try:
+                    rgb = read_image(self.layout.dataset / IMAGES_DIR / path)
+                except Digi2RealError:
+                    self._crops[path] = None
+                    continue
+                if rgb.shape[:2] != (112, 112):
+                    rgb = np.asarray(Image.fromarray(rgb).resize((112, 112), Image.BILINEAR))
+                crops.append(rgb)
+                read.append(path)
+            if crops:
+                self._crops.update(zip(read, encoder(np.stack(crops))))
+        kept = [r for r in rows if self._crops.get(r["path"]) is not None]
+        if not kept:
+            return np.zeros((0, 0), np.float32), []
+        return np.stack([self._crops[r["path"]] for r in kept]), kept
 
     def close(self) -> None:
         value, _ = self._cache.get("source", (None, None))
@@ -514,38 +548,24 @@ def _separation_row(name: str, genuine: np.ndarray, impostor: np.ndarray) -> lis
     return [name, len(genuine), ms(genuine), len(impostor), ms(impostor), dprime]
 
 
-def _generated_embeddings(run: Run, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _generated_embeddings(run: Run, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """ArcFace embeddings of up to :data:`GENERATED_IMAGE_CAP` accepted crops: whole identities in a seeded random
-    order, so that every embedded crop has genuine partners. Returns (embeddings, identity labels)."""
-    from PIL import Image
-
-    from digi2real.generation.manifest import IMAGES_DIR
-    from digi2real.imageio import read_image
-
+    order, so that every embedded crop has genuine partners. Returns (embeddings, identity labels, manifest rows)."""
     by_ident = _ok_rows_by_identity(run)
     if not by_ident:
         raise NotAvailable("the dataset holds no accepted image")
-    encoder = run.encoder()
+    run.encoder()
     order = list(by_ident)
     rng.shuffle(order)
-    chosen: list[tuple[str, dict]] = []
+    chosen: list[dict] = []
     for ident in order:
         if len(chosen) >= GENERATED_IMAGE_CAP:
             break
-        chosen += [(ident, r) for r in by_ident[ident][:GENERATED_IMAGE_CAP - len(chosen)]]
-    crops, labels = [], []
-    for ident, r in chosen:
-        try:
-            rgb = read_image(run.layout.dataset / IMAGES_DIR / r["path"])
-        except Digi2RealError:
-            continue
-        if rgb.shape[:2] != (112, 112):
-            rgb = np.asarray(Image.fromarray(rgb).resize((112, 112), Image.BILINEAR))
-        crops.append(rgb)
-        labels.append(ident)
-    if not crops:
+        chosen += by_ident[ident][:GENERATED_IMAGE_CAP - len(chosen)]
+    emb, kept = run.crop_embeddings(chosen)
+    if not kept:
         raise NotAvailable("none of the accepted images could be read")
-    return encoder(np.stack(crops)), np.asarray(labels)
+    return emb, np.asarray([r["identity"] for r in kept]), kept
 
 
 def section_similarity(run: Run) -> str:
@@ -566,7 +586,7 @@ def section_similarity(run: Run) -> str:
         notes.append(H.not_available(f"source embeddings: {exc}"))
     try:
         rng = np.random.default_rng([rcfg.seed, 2])
-        emb, labels = _generated_embeddings(run, rng)
+        emb, labels, _ = _generated_embeddings(run, rng)
         g, i = sample_pairs(labels, rcfg.pairs, rng)
         gs, im = pair_cosines(emb, g), pair_cosines(emb, i)
         panels[f"generated crops ({len(emb)} images, {len(set(labels.tolist()))} identities)"] = (gs, im)
@@ -586,7 +606,186 @@ def section_similarity(run: Run) -> str:
     return "".join(out)
 
 
-# ------------------------------------------------------------------------------------------------------ 5. acceptance
+# ------------------------------------------------------------------------------------------------------ 5. not copying
+
+
+def _shown_rows(run: Run) -> list[dict]:
+    """The accepted crops section 2 shows (``report.samples`` of each of its ``report.identities`` identities); when
+    it shows none, up to that many crops of the first generated identities."""
+    rcfg = run.cfg.report
+    by_ident = _ok_rows_by_identity(run)
+    try:
+        identities, _ = _report_identities(run, rcfg.identities)
+    except NotAvailable:
+        identities = []
+    shown = [r for ident in identities for r in by_ident.get(ident, [])[:rcfg.samples]]
+    return shown or [r for ident in list(by_ident)[:rcfg.identities] for r in by_ident[ident][:rcfg.samples]]
+
+
+def _conditioning_cosines(rows: list[dict]) -> np.ndarray:
+    """Each crop's cosine to its conditioning embedding, as the generate stage measured it with the run's encoder."""
+    return np.asarray([r["id_similarity"] if isinstance(r.get("id_similarity"), (int, float)) else np.nan
+                       for r in rows], np.float64)
+
+
+def _pair_tiles(run: Run, rows: list[dict], emb: np.ndarray, train) -> str:
+    """Each generated crop beside its nearest training image (re-rendered), with the cosines."""
+    from digi2real.generation.manifest import IMAGES_DIR
+    from digi2real.imageio import read_image
+    from digi2real.report.copying import nearest
+
+    idx, cos = nearest(emb, train.embeddings)
+    out = []
+    for r, i, c in zip(rows, idx, cos):
+        person, k = train.pool.item(i)
+        sim = r.get("id_similarity")
+        cap = f"#{r.get('image_index')}" + (f" cond {sim:.2f}" if isinstance(sim, (int, float)) else "")
+        gen = _tile(read_image(run.layout.dataset / IMAGES_DIR / r["path"]), cap, "gen", f"generated {r['path']}")
+        near = _tile(train.pool.render(i), f"{person}/{k} cos {c:.2f}", "nearest",
+                     f"nearest training image: person {person} image {k}, cosine {c:.4f}")
+        out.append(f'<div class="pair">{gen}{near}</div>')
+    return "".join(out)
+
+
+def _copying_grid(run: Run, rows: list[dict], train) -> str:
+    """Section 2's crops, one line per identity, each beside its nearest training image."""
+    emb, rows = run.crop_embeddings(rows)
+    out = []
+    for ident in dict.fromkeys(r["identity"] for r in rows):
+        mine = [j for j, r in enumerate(rows) if r["identity"] == ident]
+        label = f'<div class="label">{H.esc(ident)}<span>{len(mine)} shown</span></div>'
+        tiles = _pair_tiles(run, [rows[j] for j in mine], emb[mine], train)
+        out.append(f'<div class="ident">{label}<div class="side strip">{tiles}</div></div>')
+    return "".join(out)
+
+
+def _conditioning_words(near: float | None, cond: float | None) -> str:
+    """What the conditioning cosine says beside the nearest-training one: whom the generated faces resemble more."""
+    if near is None or cond is None:
+        return "."
+    if cond > near:
+        return (", higher than their nearest training image's: the generated faces resemble the person they are given "
+                "more than anyone the generator was trained on.")
+    return (", not higher than their nearest training image's: by these numbers alone the generated faces resemble a "
+            "training person at least as much as the person they are given.")
+
+
+def _placement(j, what: str) -> str:
+    f = H.fmt
+    if not j.decidable:
+        return (f"the levels do not separate (copy level {f(j.copy)}, new-{what} level {f(j.new)}), so this does not "
+                "tell")
+    nearer = ("the copy level than the new-" + what) if j.copying else ("the new-" + what + " level than the copy")
+    rate = "-" if j.reference_rate is None else f"{100 * j.reference_rate:.1f}%"
+    return (f"nearer {nearer} level; {j.reaching} of {j.total} reach the copy level {f(j.copy)}, as do {rate} of "
+            f"the new-{what} reference")
+
+
+def _copying_verdict(near: np.ndarray, cond: np.ndarray, id_cos: np.ndarray, ref, crops_per_identity: float) -> str:
+    """The numbers in words: the copy and new-face levels the training set gives (:class:`copying.Judgement`), where
+    the generated images and identities sit between them, and a verdict."""
+    from digi2real.report.copying import judge, median
+
+    f = H.fmt
+    images = judge(near, ref.other_person, ref.same_person)
+    idents = judge(id_cos, ref.nearest_identity, ref.same_identity)
+    pairs = float(ref.identity_pairs.mean()) if len(ref.identity_pairs) else None
+    out = [H.para(f"What a copy would look like (the copy level): two photographs of one training person have a "
+                  f"median cosine of {f(images.copy)}, so a generated image copied from a training image would be "
+                  f"about that close to it, or closer. What a new face looks like (the new-face level): a training "
+                  f"image's nearest image of another training person is at a median {f(images.new)}. For identities "
+                  f"(prototypes: the normalised mean of a person's embeddings), the copy level is the cosine of the "
+                  f"prototypes of two halves of one training person's images (median {f(idents.copy)}), the "
+                  f"new-identity level a training identity's closest other training identity (median "
+                  f"{f(idents.new)}); two training identities are at {f(pairs)} on average."),
+           H.para(f"Images: the nearest training image of the {len(near)} generated images is at a median cosine of "
+                  f"{f(images.measured)} (max {f(float(near.max()) if len(near) else None)}): "
+                  f"{_placement(images, 'face')}. Their own conditioning identity is at a median {f(median(cond))}"
+                  + _conditioning_words(images.measured, median(cond))),
+           H.para(f"Identities: the closest training identity of the {len(id_cos)} generated identities "
+                  f"({crops_per_identity:.1f} crops each on average) is at a median {f(idents.measured)} (max "
+                  f"{f(float(id_cos.max()) if len(id_cos) else None)}): {_placement(idents, 'identity')}.")]
+    if images.copying or idents.copying:
+        which = " and ".join(w for w, j in (("images", images), ("identities", idents)) if j.copying)
+        cls, verdict = "bad", (f"Verdict: the generated {which} sit nearer the copy level than the new-face level: the "
+                               "generator may be copying its training set; inspect the closest ones below.")
+    elif images.decidable and idents.decidable:
+        cls, verdict = "ok", ("Verdict: no sign of copying by this measure: the generated images and identities sit "
+                              "nearer the new-face level than the copy level.")
+    else:
+        cls, verdict = "", ("Verdict: cannot be judged: with this encoder the training set's copy and new-face levels "
+                            "do not separate (or the pool holds one image per person).")
+    out.append(f'<p class="{cls}">{H.esc(verdict)}</p>' if cls else H.para(verdict))
+    return "".join(out)
+
+
+def _copying_tables(near: np.ndarray, cond: np.ndarray, id_cos: np.ndarray, ref) -> str:
+    from digi2real.report.copying import quantiles
+
+    headers = ["cosine (run's ArcFace)", "n", "mean", "5%", "median", "95%", "max"]
+    images = [["generated image -> nearest training image", *quantiles(near)],
+              ["generated image -> its conditioning identity", *quantiles(cond)],
+              ["reference: two images of one training person", *quantiles(ref.same_person)],
+              ["reference: training image -> nearest image of another training person", *quantiles(ref.other_person)]]
+    identities = [["generated identity -> closest training identity", *quantiles(id_cos)],
+                  ["reference: two halves of one training person's images", *quantiles(ref.same_identity)],
+                  ["reference: training identity -> closest other training identity",
+                   *quantiles(ref.nearest_identity)],
+                  ["reference: two training identities", *quantiles(ref.identity_pairs)]]
+    return ("<h3>Images</h3>" + H.table(headers, images, cls="copying images")
+            + "<h3>Identities (prototypes)</h3>" + H.table(headers, identities, cls="copying identities"))
+
+
+def section_copying(run: Run) -> str:
+    import digi2real.miniature as miniature
+    from digi2real.report import copying as C
+
+    if not run.cfg.miniature:
+        raise NotAvailable(C.NOT_MINIATURE)
+    pool = C.read_pool(miniature.SHIPPED)
+    rcfg = run.cfg.report
+    if rcfg.training_identities is not None and rcfg.training_identities < pool.identities:
+        pool = replace(pool, identities=rcfg.training_identities)
+    emb, labels, rows = _generated_embeddings(run, np.random.default_rng([rcfg.seed, 2]))  # section 4's crops
+    encoder = run.encoder()
+    train = C.training_embeddings(pool, encoder, run.layout.models / C.CACHE)
+    ref = C.reference(train.embeddings, pool.images, rcfg.seed)
+    _, near = C.nearest(emb, train.embeddings)
+    cond = _conditioning_cosines(rows)
+    names, protos = C.prototypes(emb, labels)
+    id_idx, id_cos = C.nearest(protos, ref.prototypes)
+    how = (f"reused from {train.path.name} in the run's models folder (computed once in {train.seconds:.1f} s)"
+           if train.reused else f"computed in {train.seconds:.1f} s and cached in {train.path}")
+    out = [H.para(f"The miniature generator was trained on {pool.describe()} (the shipped record.json's pool). "
+                  f"They are re-rendered at 112 px and embedded with the run's encoder ({encoder.model_path.name}, "
+                  f"sha256 {encoder.file_hash()[:12]}...): {how}. Generated: {len(rows)} accepted crops of "
+                  f"{len(names)} identities (section 4's, at most {GENERATED_IMAGE_CAP}).", "caption"),
+           _copying_verdict(near, cond, id_cos, ref, len(rows) / max(len(names), 1)),
+           _copying_tables(near, cond, id_cos, ref)]
+    panels = [("images", {"generated -> nearest training image": near, "generated -> own conditioning": cond,
+                          "two images of one training person": ref.same_person,
+                          "training -> nearest other person": ref.other_person}),
+              ("identities (prototypes)", {"generated -> closest training identity": id_cos,
+                                           "two halves of one training person": ref.same_identity,
+                                           "training -> closest other identity": ref.nearest_identity,
+                                           "two training identities": ref.identity_pairs})]
+    out.append(H.figure(figures.cosine_distributions(panels), "not copying distributions",
+                        "Densities; each panel's sets share its bins."))
+    out.append("<h3>Nearest training image of each generated image shown in section 2</h3>")
+    out.append(_copying_grid(run, _shown_rows(run), train))
+    closest = np.argsort(-near, kind="stable")[:rcfg.samples]
+    out.append(f"<h3>The {len(closest)} generated images closest to a training image</h3>")
+    out.append(f'<div class="strip">{_pair_tiles(run, [rows[j] for j in closest], emb[closest], train)}</div>')
+    order = np.argsort(-id_cos, kind="stable")[:20]
+    crops_of = dict(zip(*np.unique(labels, return_counts=True)))
+    out.append(H.details(f"the {len(order)} generated identities closest to a training identity", H.table(
+        ["generated identity", "crops", "closest training person", "cosine"],
+        [[str(names[j]), int(crops_of[names[j]]), pool.first + int(id_idx[j]), float(id_cos[j])] for j in order],
+        cls="copying closest")))
+    return "".join(out)
+
+
+# ------------------------------------------------------------------------------------------------------ 6. acceptance
 
 
 def section_acceptance(run: Run) -> str:
@@ -658,7 +857,7 @@ def section_acceptance(run: Run) -> str:
     return "".join(out)
 
 
-# ------------------------------------------------------------------------------------------------------ 6. training
+# ------------------------------------------------------------------------------------------------------ 7. training
 
 
 def read_train_log(path: Path) -> list[dict]:
@@ -732,7 +931,7 @@ def section_training(run: Run) -> str:
     return "".join(out)
 
 
-# ------------------------------------------------------------------------------------------------------ 7. benchmarks
+# ------------------------------------------------------------------------------------------------------ 8. benchmarks
 
 
 def benchmark_tables(result: dict, name: str) -> str:
@@ -816,6 +1015,7 @@ BUILDERS: dict[str, Callable[[Run], str]] = {
     "samples": section_samples,
     "realism": section_realism,
     "similarity": section_similarity,
+    "copying": section_copying,
     "acceptance": section_acceptance,
     "training": section_training,
     "benchmarks": section_benchmarks,

@@ -145,6 +145,43 @@ def value_histograms(panels: Sequence[tuple[str, Mapping[str, np.ndarray], float
     return _png(fig)
 
 
+def cosine_distributions(panels: Sequence[tuple[str, Mapping[str, np.ndarray]]]) -> bytes:
+    """Panels of overlaid cosine histograms as densities (sets of very different sizes compare by shape), each panel's
+    sets on shared bins; a set of fewer than 20 values is drawn as ticks instead of bars (along the axis under the
+    histograms, or one row per set in a panel without any)."""
+    n = max(len(panels), 1)
+    fig = _figure(5.6 * n, 3.8)
+    colours = (SYNTHETIC, SHIFTED, REAL, IMPOSTOR, "#6b4c9a")
+    for i, (title, groups) in enumerate(panels):
+        ax = fig.add_subplot(1, n, i + 1)
+        sets = {k: np.asarray(v, np.float64)[np.isfinite(np.asarray(v, np.float64))] for k, v in groups.items()}
+        values = [v for v in sets.values() if len(v)]
+        allv = np.concatenate(values) if values else np.zeros(1)
+        lo, hi = float(allv.min()), float(allv.max())
+        if hi - lo < 1e-6:
+            lo, hi = lo - 0.05, hi + 0.05
+        bins = np.linspace(lo, hi, 41)
+        bars = any(len(v) >= 20 for v in sets.values())
+        for j, (label, v) in enumerate(sets.items()):
+            colour = colours[j % len(colours)]
+            if len(v) >= 20:
+                ax.hist(v, bins=bins, density=True, alpha=0.5, color=colour, label=f"{label} ({len(v)})")
+            elif len(v):
+                ax.plot(v, np.full_like(v, 0.0 if bars else -j), "|", markersize=14, markeredgewidth=2,
+                        color=colour, label=f"{label} ({len(v)})")
+        ax.set_title(title)
+        ax.set_xlabel("cosine similarity (ArcFace)")
+        if bars:
+            ax.set_ylabel("density")
+        else:
+            ax.set_yticks([])
+            ax.set_ylim(-len(sets) + 0.3, 0.5 + 0.6 * len(sets))  # room above the rows for the legend
+        ax.grid(True, alpha=0.25)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper left", fontsize=7)
+    return _png(fig)
+
+
 def curves(panels: Sequence[tuple[str, Mapping[str, tuple[np.ndarray, np.ndarray]], bool]]) -> bytes:
     """Line plots against the training step: (title, {label: (steps, values)}, log y axis) per panel, 2 per row."""
     n = max(len(panels), 1)

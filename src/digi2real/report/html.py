@@ -52,6 +52,7 @@ figcaption { color: var(--muted); font-size: 12px; margin-top: 4px; }
 .tile { margin: 0; text-align: center; font-size: 11px; color: var(--muted); }
 .tile img { display: block; width: 96px; height: 96px; image-rendering: auto; border: 1px solid var(--line); }
 .side { flex: 1 1 0; min-width: 0; }
+.pair { display: flex; gap: 2px; padding: 2px; border: 1px solid var(--line); border-radius: 3px; }
 .side + .side { border-left: 3px solid var(--line); padding-left: 12px; }
 .ok { color: #1d7a3a; font-weight: 600; }
 .bad { color: #a4262c; font-weight: 600; }

@@ -1226,6 +1226,17 @@ def _draw_glasses(cv: _Canvas, ident: FaceIdentity) -> None:
     _paint(img, _coverage(ring, cv.inv_aa), ident.glasses_colour)
 
 
+def _turned_frame(cv: _Canvas, window: tuple[int, int, int, int], cx: float, cy: float,
+                  angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Crop coordinates of the pixels in ``window`` (x0, x1, y0, y1) in a frame centred on (cx, cy) and turned by
+    ``angle``: where an object's own shape is measured."""
+    x0, x1, y0, y1 = window
+    qx = cv.q[x0:x1] - cx
+    qy = cv.q[y0:y1] - cy
+    ca, sa = math.cos(angle), math.sin(angle)
+    return (qx * ca)[None, :] + (qy * sa)[:, None], (qx * -sa)[None, :] + (qy * ca)[:, None]
+
+
 def _draw_occluder(cv: _Canvas, n: FaceNuisance) -> None:
     """Something between camera and face (a hand, a microphone, a sticker): drawn in crop coordinates."""
     if n.occluder_kind == 0:
@@ -1237,11 +1248,7 @@ def _draw_occluder(cv: _Canvas, n: FaceNuisance) -> None:
     y0, y1 = max(int(cy - r), 0), min(int(cy + r) + 2, cv.size)
     if x0 >= x1 or y0 >= y1:
         return
-    qx = cv.q[x0:x1] - n.occluder_x
-    qy = cv.q[y0:y1] - n.occluder_y
-    ca, sa = math.cos(n.occluder_angle), math.sin(n.occluder_angle)
-    x = (qx * ca)[None, :] + (qy * sa)[:, None]
-    y = (qx * -sa)[None, :] + (qy * ca)[:, None]
+    x, y = _turned_frame(cv, (x0, x1, y0, y1), n.occluder_x, n.occluder_y, n.occluder_angle)
     if n.occluder_kind == 1:
         d = _ellipse_distance(x, y, n.occluder_w, n.occluder_h)
     else:
@@ -1249,23 +1256,33 @@ def _draw_occluder(cv: _Canvas, n: FaceNuisance) -> None:
     _paint(cv.img[:, y0:y1, x0:x1], _coverage(d, cv.inv_aa / cv.scale), n.occluder_colour)
 
 
+def _light_direction(n: FaceNuisance) -> tuple[float, float, float]:
+    """The key light's unit direction (x right, y down, z toward the camera) from its azimuth and elevation."""
+    ce = math.cos(n.light_elevation)
+    return math.sin(n.light_azimuth) * ce, -math.cos(n.light_azimuth) * ce, math.sin(n.light_elevation)
+
+
+def _head_normals(cv: _Canvas) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The head's surface normals per pixel, as a sphere-like shape: x from the canvas, y from the height above the
+    pitch centre, z completing a unit vector (fresh arrays but x, which is the canvas's)."""
+    nx = cv.normal_x
+    ny = cv.body_v - _PITCH_CY
+    ny *= 1.0 / 70.0
+    np.clip(ny, -1.0, 1.0, out=ny)
+    nz = nx * nx
+    nz += ny * ny
+    np.subtract(1.0, nz, out=nz)
+    np.maximum(nz, 0.0, out=nz)
+    np.sqrt(nz, out=nz)
+    return nx, ny, nz
+
+
 def _light_and_camera(cv: _Canvas, n: FaceNuisance) -> None:
     """Directional shading on a rounded head, exposure and white balance, then sensor noise; ends in 0..255 units."""
     img = cv.img
     if n.light_strength > 0.0:
-        ce = math.cos(n.light_elevation)
-        lx = math.sin(n.light_azimuth) * ce
-        ly = -math.cos(n.light_azimuth) * ce
-        lz = math.sin(n.light_elevation)
-        nx = cv.normal_x
-        ny = cv.body_v - _PITCH_CY
-        ny *= 1.0 / 70.0
-        np.clip(ny, -1.0, 1.0, out=ny)
-        nz = nx * nx
-        nz += ny * ny
-        np.subtract(1.0, nz, out=nz)
-        np.maximum(nz, 0.0, out=nz)
-        np.sqrt(nz, out=nz)
+        lx, ly, lz = _light_direction(n)
+        nx, ny, nz = _head_normals(cv)
         shade = nx * lx
         ny *= ly
         shade += ny
@@ -1505,11 +1522,7 @@ def _draw_thing(cv: _Canvas, thing: _Thing) -> None:
     y0, y1 = max(int((thing.y - r) * k), 0), min(int((thing.y + r) * k) + 2, cv.size)
     if x0 >= x1 or y0 >= y1:
         return
-    qx = cv.q[x0:x1] - thing.x
-    qy = cv.q[y0:y1] - thing.y
-    ca, sa = math.cos(thing.angle), math.sin(thing.angle)
-    x = (qx * ca)[None, :] + (qy * sa)[:, None]
-    y = (qx * -sa)[None, :] + (qy * ca)[:, None]
+    x, y = _turned_frame(cv, (x0, x1, y0, y1), thing.x, thing.y, thing.angle)
     if thing.kind == 1:
         d = _ellipse_distance(x, y, thing.w, thing.h)
     else:
@@ -1636,17 +1649,8 @@ def _shade_hairline(cv: _Canvas, below: np.ndarray, face: np.ndarray) -> None:
 def _photo_light(cv: _Canvas, n: FaceNuisance, photo: _Photo, person: np.ndarray, face: np.ndarray) -> None:
     """Key and fill light: the person is shaded by the head's normals (with wrap-around for soft light) and sheens
     where the face meets the light's half-vector; the scene behind gets the key's average."""
-    ce = math.cos(n.light_elevation)
-    lx, ly, lz = math.sin(n.light_azimuth) * ce, -math.cos(n.light_azimuth) * ce, math.sin(n.light_elevation)
-    nx = cv.normal_x
-    ny = cv.body_v - _PITCH_CY
-    ny *= 1.0 / 70.0
-    np.clip(ny, -1.0, 1.0, out=ny)
-    nz = nx * nx
-    nz += ny * ny
-    np.subtract(1.0, nz, out=nz)
-    np.maximum(nz, 0.0, out=nz)
-    np.sqrt(nz, out=nz)
+    lx, ly, lz = _light_direction(n)
+    nx, ny, nz = _head_normals(cv)
     diffuse = nx * lx
     diffuse += ny * ly
     diffuse += nz * lz

@@ -66,14 +66,14 @@ TRAIN_DESCRIPTION = textwrap.dedent("""\
 
 TRAIN_EPILOG = textwrap.dedent("""\
     examples:
-      digi2real train configs/digi2real-20k.yaml -o runs/d2r20k
+      digi2real train digi2real-20k -o runs/d2r20k
       digi2real train -o runs/try --data out/dataset --epochs 1 --batch-size 64 --device cpu
       digi2real train -o runs/casia --data faces_webface_112x112/ --head arcface --set train.scale=64
       digi2real train -o runs/tiny --data out/dataset --set train.widths=[16,32,64,128] \\
           --set train.depths=[1,1,1,1] --set train.stem_stride=2 --head cosface --set train.scale=32
 
     several GPUs (one process per GPU; the global batch is split across them):
-      torchrun --standalone --nproc_per_node 4 -m digi2real train configs/digi2real-20k.yaml -o runs/d2r20k
+      torchrun --standalone --nproc_per_node 4 -m digi2real train digi2real-20k -o runs/d2r20k
 
     log lines (train_log.jsonl):
       {"event": "train", "epoch": 0, "step": 50, "loss": 41.2, "acc": 0.0, "lr": 0.0999, "images_per_s": 1210.4, ...}
@@ -81,7 +81,7 @@ TRAIN_EPILOG = textwrap.dedent("""\
        "lfw_best_acc": 0.981, "lfw_best_step": 2000, "seconds": 12.3, ...}
 
     verification while training:
-      digi2real train configs/digi2real-20k.yaml -o runs/d2r20k --verify bins/lfw.bin --verify bins/cfp_fp.bin \\
+      digi2real train digi2real-20k -o runs/d2r20k --verify bins/lfw.bin --verify bins/cfp_fp.bin \\
           --verify-every 2000""")
 
 EXPORT_DESCRIPTION = textwrap.dedent("""\
