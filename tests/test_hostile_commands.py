@@ -47,6 +47,7 @@ COMMANDS: dict[str, list[str]] = {
     "run": ["run", "{missing}", "--dry-run"],
     "download": ["download", "digiface", "-o", "{file}", "--parts", "5", "-q"],
     "demo": ["demo", "-o", "{file}", "-q"],
+    "config": ["config", "show", "{missing}", "-o", "{out}/mine.yaml"],
 }
 
 #: Commands whose main file input can be replaced by random bytes: (argv template, the input's name).

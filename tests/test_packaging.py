@@ -109,7 +109,7 @@ def test_installed_digi2real_runs_the_demo_by_name_from_an_empty_folder(installe
     start = time.perf_counter()
     # The demo by name, made smaller so the suite stays quick (`make demo` runs it whole).
     small = ["--set", "source.identities=14", "--set", "select.n=6", "--set", "plan.images_per_identity=4",
-             "--set", "plan.images_per_latent=2", "--set", "generate.steps=4", "--set", "train.epochs=1",
+             "--set", "plan.images_per_latent=2", "--set", "generate.steps=4", "--set", "train.epochs=1", "--set", "train.batch_size=12",
              "--set", "report.training_identities=100"]
     demo = _run([venv / "bin" / "digi2real", "run", "demo", "-q", *small], work, env, timeout=600)
     print(f"`digi2real run demo` from the wheel: {time.perf_counter() - start:.1f} s")
