@@ -15,7 +15,8 @@ other SLERP latents and noise, and the training seed):
   perfect generator could approach.
 
 Evaluation: the demo's verification set (60 held-out real-style people of ``REAL_TEST``, 300 pairs, 10 folds), the
-trained model's accuracy and TAR at FAR 1e-3 (percent). Prints a table; writes ``benchmarks/results/miniature_study.json``.
+trained model's accuracy and TAR at FAR 1e-3 (percent). Prints a table; writes ``benchmarks/results/miniature_study.json``
+and the summary into the shipped models' folder (``study.json``), which the demo's report shows.
 
     .venv/bin/python benchmarks/bench_miniature_study.py [--seeds 0,1] [--json PATH] [--keep DIR]
 """
@@ -126,6 +127,10 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"seeds": seeds, "rows": rows, "summary": summary}, indent=2) + "\n")
     print(f"wrote {args.json}")
+    from digi2real.miniature import SHIPPED
+
+    (SHIPPED / "study.json").write_text(json.dumps({"seeds": seeds, "summary": summary}, indent=2) + "\n")
+    print(f"wrote {SHIPPED / 'study.json'} (the demo report's table)")
     if args.keep is None:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -496,3 +496,18 @@ def test_copy_measures_see_a_copy():
     assert 'class="ok"' in far and "no sign of copying" in far
     blind = reference(normalise(rng.normal(size=(12, 16))), 4, seed=0)  # an encoder blind to these people
     assert not judge(np.ones(2), blind.other_person, blind.same_person).decidable
+
+
+def test_a_miniature_run_shows_the_miniature_study(miniature_run, fake_shipped, tmp_path):
+    """The paper's comparison in miniature, as the shipped models' study measured it, in the benchmarks section of a
+    demo run's report; a line saying how to make it when the package lacks it."""
+    (fake_shipped / "study.json").write_text(json.dumps({"seeds": [0, 1], "summary": {
+        "rendered source (DigiFace row)": {"accuracy": [85.67, 88.67], "mean_accuracy": 87.17,
+                                           "mean_tar_at_far_1e3": 37.0}}}))
+    text = build_report(miniature_run, tmp_path / "page.html").read_text()
+    section = text[text.index('<section id="benchmarks">'):]
+    assert "The paper&#x27;s comparison in miniature" in section or "The paper's comparison in miniature" in section
+    assert "rendered source (DigiFace row)" in section and "85.67, 88.67" in section and "87.17" in section
+    (fake_shipped / "study.json").unlink()
+    text = build_report(miniature_run, tmp_path / "page2.html").read_text()
+    assert "bench_miniature_study.py" in text[text.index('<section id="benchmarks">'):]

@@ -975,6 +975,10 @@ def _paper_only(why: str) -> str:
                       digits=2))
 
 
+#: The miniature study's summary, shipped beside the models it measured (see :func:`_miniature_study`).
+STUDY_FILE = "study.json"
+
+
 def section_benchmarks(run: Run) -> str:
     path = run.layout.eval / "results.json"
     if not path.is_file():
@@ -1004,7 +1008,32 @@ def section_benchmarks(run: Run) -> str:
             out.append(H.figure(data, roc.stem, roc.name))
     else:
         out.append(H.not_available("no ROC plot in eval/"))
+    if run.cfg.miniature:
+        out.append(_miniature_study())
     return "".join(out)
+
+
+def _miniature_study() -> str:
+    """The paper's comparison in miniature as the shipped models' study measured it (the package's
+    assets/miniature/study.json, written by benchmarks/bench_miniature_study.py), for a demo run's reader."""
+    import digi2real.miniature as miniature
+
+    path = miniature.SHIPPED / STUDY_FILE
+    try:
+        study = json.loads(path.read_text())
+        rows = [[name, ", ".join(f"{a:.2f}" for a in r["accuracy"]), r["mean_accuracy"], r["mean_tar_at_far_1e3"]]
+                for name, r in study["summary"].items()]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return H.not_available(f"the miniature study: {path} is missing or unreadable ({exc}); run "
+                               "benchmarks/bench_miniature_study.py")
+    seeds = ", ".join(str(x) for x in study.get("seeds", []))
+    return ("<h3>The paper's comparison in miniature</h3>"
+            + H.para("Measured once for the shipped models by benchmarks/bench_miniature_study.py (not by this run): "
+                     "the demo's recipe with one change per row, 600 training images each, evaluated on the demo's "
+                     f"held-out real-style pairs; seeds {seeds}. BENCHMARKS.md says why generated data does not beat "
+                     "the rendered images here.", "caption")
+            + H.table(["training data", "accuracy % per seed", "mean accuracy %", "mean TAR@FAR=1e-3 %"], rows,
+                      digits=2))
 
 
 # ------------------------------------------------------------------------------------------------------ the page
