@@ -86,6 +86,15 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "images").rglob("*")) if p.is_file()}
 
 
+def _vectors(root: Path) -> dict[str, tuple[bytes, ...]]:
+    """The stored ArcFace vector (and variation measures) of every accepted image, as bytes, by key."""
+    from digi2real.generation.vectors import read_vectors
+
+    v = read_vectors(root, read_rows(root)).rows
+    return {k: (v.vectors[i].tobytes(), v.landmarks[i].tobytes(), v.brightness[i].tobytes(),
+                v.contrast[i].tobytes(), int(v.attempts[i])) for i, k in enumerate(v.keys)}
+
+
 def _rows(root: Path) -> list[dict]:
     return sorted(({k: v for k, v in r.items() if k != "shard"} for r in read_rows(root)),
                   key=lambda r: (r["key"], r["attempt"]))
@@ -101,7 +110,7 @@ def reference(tmp_path_factory, plan_file, mini_generator, encoder) -> Path:
     return out
 
 
-def test_dataset_layout_manifest_and_card(reference):
+def test_dataset_layout_manifest_and_card(reference, encoder):
     files = _files(reference)
     assert len(files) == 20 and all(name.endswith(".png") for name in files)
     ds = ImageFolderDataset(reference)
@@ -115,6 +124,20 @@ def test_dataset_layout_manifest_and_card(reference):
                   "proto_similarity", "unit", "batch", "shift_weight"):
         assert field in row
     assert len(row["detection"]["landmarks"]) == 5 and -1 <= row["id_similarity"] <= 1
+    # the gate's vectors are kept, one per accepted image, in one file for the one shard: each is the ArcFace vector
+    # of the written crop (embedding the image file again gives it back)
+    from digi2real.generation.vectors import read_vectors
+    from digi2real.imageio import read_image
+
+    assert sorted(p.name for p in (reference / "embeddings").iterdir()) == ["shard-00000-of-00001.safetensors"]
+    stored = read_vectors(reference, read_rows(reference))
+    assert len(stored.rows) == 20 and stored.rows.vectors.shape == (20, encoder.embedding_dim)
+    assert stored.rows.model_sha256 == json.loads((reference / "generation.json").read_text())[
+        "settings"]["arcface_sha256"]
+    assert stored.paths[0] == f"{stored.rows.keys[0]}.png" and stored.identities[0] == stored.rows.keys[0].split("/")[0]
+    again = encoder(np.stack([read_image(reference / "images" / p) for p in stored.paths]))
+    assert np.abs(again - stored.rows.vectors).max() < 1e-5
+    assert np.isfinite(stored.rows.landmarks).all() and (stored.rows.brightness > 0).all()
     record = json.loads((reference / "generation.json").read_text())
     assert record["planned_images"] == 20 and record["settings"]["generate"]["steps"] == 2
     assert record["settings"]["units"] == "consecutive-v2" and record["settings"]["generate"]["batch_size"] == 6
@@ -139,6 +162,7 @@ def test_same_seed_same_images(tmp_path, reference, plan_file, mini_generator, e
     assert _rows(tmp_path / "again") == _rows(reference)
     lines = summary.lines()
     assert lines[1].startswith("models: Arc2Face cpu") and "batch 6 (set), finished in line" in lines[1]
+    assert f"ArcFace vectors kept: 20 in {tmp_path / 'again' / 'embeddings'} (for `digi2real audit`)" in lines
 
 
 def test_three_shards_make_the_same_dataset(tmp_path, reference, plan_file, mini_generator, encoder):
@@ -150,6 +174,9 @@ def test_three_shards_make_the_same_dataset(tmp_path, reference, plan_file, mini
         [f"shard-0000{i}-of-00003.jsonl" for i in range(3)] + [f"shard-0000{i}-of-00003.run.json" for i in range(3)])
     assert _files(out) == _files(reference)
     assert _rows(out) == _rows(reference)
+    assert _vectors(out) == _vectors(reference)  # the stored vectors too, byte for byte, in three files
+    assert len(list((out / "embeddings").glob("shard-*.safetensors"))) == 3
+    assert not (out / "embeddings" / "parts").exists() or not list((out / "embeddings" / "parts").iterdir())
     # the second and the fifth identity span two units owned by two shards, which both wrote into their folders
     shards_of = {}
     for r in read_rows(out):
@@ -374,6 +401,7 @@ def test_a_failure_on_a_worker_stops_the_run_and_it_resumes_to_the_same_dataset(
     summary = generate_dataset(job, out, progress=False)
     assert summary.already_done == len(read_rows(out)) - summary.written
     assert _files(out) == _files(reference) and _rows(out) == _rows(reference)
+    assert _vectors(out) == _vectors(reference)
 
 
 def test_ctrl_c_keeps_the_finished_work_and_it_resumes_to_the_same_dataset(tmp_path, reference, plan_file,
@@ -403,10 +431,12 @@ def test_ctrl_c_keeps_the_finished_work_and_it_resumes_to_the_same_dataset(tmp_p
         generate_dataset(job, out, progress=False)
     assert len(read_rows(out)) == 12  # the two units rendered before the interrupt were finished and kept
     _consistent(out)
+    assert len(_vectors(out)) == 12  # their vectors are kept too (in parts, merged by the next run)
     job, _ = _job(plan_file, mini_generator, encoder)
     summary = generate_dataset(job, out, progress=False)
     assert (summary.already_done, summary.written) == (12, 8)
     assert _files(out) == _files(reference) and _rows(out) == _rows(reference)
+    assert _vectors(out) == _vectors(reference)
 
 
 def test_dry_run_makes_nothing(tmp_path, plan_file, mini_generator, encoder):
@@ -488,6 +518,7 @@ def test_cli_pipeline_killed_run_resumes_to_the_identical_dataset(tmp_path, mini
     assert "already done" in done.stdout
     assert _files(out) == _files(tmp_path / "whole")
     assert _rows(out) == _rows(tmp_path / "whole")
+    assert _vectors(out) == _vectors(tmp_path / "whole")  # SIGKILLed and resumed: the same stored vectors
     assert {r["shift_weight"] for r in read_rows(out)} == {1.0}
     assert not list(out.rglob(".*.tmp"))
     assert "complete: 20 of 20" in (out / "card.md").read_text()

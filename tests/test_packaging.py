@@ -114,7 +114,7 @@ def test_installed_digi2real_runs_the_demo_by_name_from_an_empty_folder(installe
     demo = _run([venv / "bin" / "digi2real", "run", "demo", "-q", *small], work, env, timeout=600)
     print(f"`digi2real run demo` from the wheel: {time.perf_counter() - start:.1f} s")
     assert demo.returncode == 0, demo.stderr[-3000:]
-    stages = "embed, select, plan, shift, generate, pack, train, eval, report"
+    stages = "embed, select, plan, shift, generate, audit, pack, train, eval, report"
     assert demo.stdout.splitlines()[-1] == "stages: " + ", ".join(f"{s} ran" for s in stages.split(", "))
     # The shipped config's output_dir is relative to the working folder, not to the installed package.
     assert (work / "demo-out" / "run" / "report.html").is_file()

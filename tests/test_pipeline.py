@@ -66,6 +66,14 @@ def test_end_to_end(first_run):
     state = json.loads(layout.state.read_text())["stages"]
     assert all(state[s]["complete"] for s in STAGES)
     assert layout.shift.is_file()  # the demo's real side: two real photos aligned by MTCNN
+    # the audit ran on the kept vectors against the shift's real photos and the held-out benchmark people, and its
+    # section is in the report
+    audit = json.loads((layout.audit / "audit.json").read_text())
+    assert [r["name"] for r in audit["references"]] == ["real", "procedural"]
+    assert audit["datasets"][0]["images"] == 24 and audit["datasets"][0]["note"].startswith("vectors stored")
+    assert audit["threshold"]["calibrated_on"] == "real" and audit["threshold"]["far"] == 1e-4
+    page = layout.report.read_text()
+    assert "9. Audit" in page and "Contamination" in page and "audit stage has not run" not in page
 
 
 def test_rerun_does_no_work(first_run):
@@ -86,9 +94,10 @@ def test_changed_generation_setting_reruns_generation_and_after_only(first_run, 
     cfg = load_experiment(cfg_path, {"output_dir": str(dst), "generate.steps": 3})
     outcome = run_pipeline(cfg, progress=False, say=lambda s: None)
     assert outcome == {"embed": "skipped", "select": "skipped", "plan": "skipped", "shift": "skipped",
-                       "generate": "ran", "pack": "ran", "train": "ran", "eval": "ran", "report": "ran"}
+                       "generate": "ran", "audit": "ran", "pack": "ran", "train": "ran", "eval": "ran",
+                       "report": "ran"}
     stale = list((dst / "stale").iterdir())
-    assert sorted(p.name.split("-")[0] for p in stale) == ["eval", "generate", "pack", "report", "train"]
+    assert sorted(p.name.split("-")[0] for p in stale) == ["audit", "eval", "generate", "pack", "report", "train"]
     new_rows = [json.loads(line) for f in (dst / "dataset" / "manifest").glob("*.jsonl") for line in f.open()]
     assert len(new_rows) == 24
     assert _images(dst) != _images(src)  # 3 steps instead of 4: other pixels, none of the old files mixed in
@@ -99,13 +108,13 @@ def test_fingerprints_flow_downstream():
     base = load_experiment(DEMO)
     a = fingerprints(base)
     b = fingerprints(load_experiment(DEMO, {"plan.alpha": 1.0}))
-    assert [s for s in STAGES if a[s] != b[s]] == ["plan", "generate", "pack", "train", "eval", "report"]
+    assert [s for s in STAGES if a[s] != b[s]] == ["plan", "generate", "audit", "pack", "train", "eval", "report"]
     c = fingerprints(load_experiment(DEMO, {"train.epochs": 2}))
     assert [s for s in STAGES if a[s] != c[s]] == ["train", "eval", "report"]
 
 
 def test_stage_selection_and_bad_names():
-    assert select_stages("generate", "train") == ["generate", "pack", "train"]
+    assert select_stages("generate", "train") == ["generate", "audit", "pack", "train"]
     with pytest.raises(Digi2RealError, match="not a stage"):
         select_stages("generation", None)
     with pytest.raises(Digi2RealError, match="comes after"):

@@ -27,6 +27,7 @@ stages (each reads the previous one's output; see README.md):
   shift     the realism shift Delta (real vs synthetic faces)  real/ + synthetic/ -> shift.safetensors
   generate  Arc2Face images of every plan row, aligned        plan.parquet (+ shift) -> dataset/
   regenerate  recompute one image of a dataset exactly
+  audit     leakage, duplicates, consistency, realism gap      dataset/ (+ benchmarks, real faces) -> audit/
   align     MTCNN detection + 5-point alignment of photos     photos/ -> aligned/
   pack      an image set -> insightface RecordIO              dataset/ -> train.rec, train.idx, property
   verify    check a packed set against its source
@@ -455,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     _embed_parser(sub)
     _select_parser(sub)
     _plan_parser(sub)
+    from digi2real.audit import commands as audit_commands
     from digi2real.dataset import commands as dataset_commands
     from digi2real.evaluation import commands as eval_commands
     from digi2real.faces import commands as face_commands
@@ -464,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     face_commands.register(sub)
     generation_commands.register(sub)
+    audit_commands.register(sub)
     dataset_commands.register(sub)
     train_commands.register(sub)
     eval_commands.register(sub)

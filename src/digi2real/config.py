@@ -337,6 +337,35 @@ class PackConfig(Section):
     keep_png: bool = Field(False, description="Store PNG losslessly instead of JPEG.")
 
 
+class AuditConfig(Section):
+    """`audit`: leakage, contamination, distinctness and quality of the generated set (issue 14)."""
+
+    enabled: bool = Field(True, description="`run`: audit the generated dataset after `generate`.")
+    against: list[Path] = Field(default_factory=list, description="Reference sets searched for the dataset's "
+                                "identities besides the run's own (`run` adds the benchmarks of eval.data_root and "
+                                "eval.pairs, and the real faces of shift.real): image folders, RecordIO folders, "
+                                ".bin benchmarks, pairs lists, IJB folders.")
+    far: float = Field(1e-4, gt=0.0, lt=1.0, description="False-accept rate the match threshold is set at, on the "
+                       "impostor scores of a real reference (see calibration).")
+    calibration: Literal["search", "pairs"] = Field(
+        "search", description="Which impostor scores: 'search', each reference identity's cosine to its nearest other "
+        "identity (FAR = the share of identities a search wrongly matches, so about FAR x identities chance matches "
+        "whatever the reference's size); 'pairs', every pair of different identities (FAR per pair: FAR x pairs "
+        "compared chance matches). A .bin or pairs list always gives its listed non-match pairs.")
+    threshold: float | None = Field(None, ge=-1.0, le=1.0, description="A fixed match cosine instead of the "
+                                    "calibrated one (null: calibrate).")
+    fixed_threshold: float = Field(0.4, ge=-1.0, le=1.0, description="The match cosine used when no real "
+                                   "reference can calibrate one (stated as fixed in the report).")
+    calibrate: str | None = Field(None, description="Name of the reference whose impostors set the threshold "
+                                  "(null: every real reference's threshold, the highest used).")
+    neighbours: int = Field(10, gt=0, description="Nearest reference identities (by prototype) searched image by "
+                            "image for each dataset identity.")
+    impostor_pairs: int = Field(2_000_000, gt=0, description="Impostor pairs sampled at most (calibration, d').")
+    shown: int = Field(6, ge=0, description="Image pairs shown side by side per list in the HTML.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the similarity products run.")
+    seed: int = Field(0, ge=0, description="Seed of the sampled pairs.")
+
+
 class ReportConfig(Section):
     """`report`: the HTML page of a run."""
 
@@ -370,6 +399,7 @@ class ExperimentConfig(Section):
     pack: PackConfig = Field(default_factory=PackConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
 

@@ -50,6 +50,10 @@ class RunLayout:
         return self.root / "dataset"  # `generate`: images/, manifest/, generation.json, card.md
 
     @property
+    def audit(self) -> Path:
+        return self.root / "audit"  # `audit`: audit.json/.md/.html, section.html, cache/
+
+    @property
     def packed(self) -> Path:
         return self.root / "packed"  # `pack`: train.rec, train.idx, property
 

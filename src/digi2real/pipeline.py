@@ -27,7 +27,7 @@ from digi2real.layout import RunLayout
 from digi2real.liveness import START_TIMEOUT, WAIT_TIMEOUT, Heartbeat, Waiter, Watch
 from digi2real.sources.domains import REAL_TEST, REAL_TRAIN
 
-STAGES = ("embed", "select", "plan", "shift", "generate", "pack", "train", "eval", "report")
+STAGES = ("embed", "select", "plan", "shift", "generate", "audit", "pack", "train", "eval", "report")
 #: Stages every process takes part in when `run` is launched by torchrun/Slurm: generation (each process its shard)
 #: and training (DDP). The others run on rank 0 while the rest wait for them in pipeline.json.
 COLLECTIVE = ("generate", "train")
@@ -70,6 +70,8 @@ def stage_settings(cfg: ExperimentConfig) -> dict[str, Any]:
         # workers and queue never change an image: changing them must not re-run generation
         "generate": {"generate": {k: v for k, v in _dump(cfg.generate).items() if k not in ("workers", "queue")},
                      "align": _dump(cfg.align), "arc2face": _dump(cfg.arc2face)},
+        "audit": {"audit": _dump(cfg.audit), "references": [str(p) for p in audit_references(cfg)],
+                  "encoder": _dump(cfg.encoder)},
         "pack": {"pack": _dump(cfg.pack)},
         "train": {"train": _dump(cfg.train)},
         "eval": {"eval": _dump(cfg.eval)},
@@ -79,8 +81,8 @@ def stage_settings(cfg: ExperimentConfig) -> dict[str, Any]:
 
 UPSTREAM = {
     "embed": (), "select": ("embed",), "plan": ("select",), "shift": ("embed",), "generate": ("plan", "shift"),
-    "pack": ("generate",), "train": ("pack",), "eval": ("train",),
-    "report": ("embed", "select", "plan", "shift", "generate", "pack", "train", "eval"),
+    "audit": ("generate",), "pack": ("generate",), "train": ("pack",), "eval": ("train",),
+    "report": ("embed", "select", "plan", "shift", "generate", "audit", "pack", "train", "eval"),
 }
 
 
@@ -156,7 +158,8 @@ def stage_outputs(layout: RunLayout, stage: str) -> list[Path]:
 
     return {
         "embed": [layout.embeddings], "select": [layout.ids, meta_path_for(layout.ids)], "plan": [layout.plan],
-        "shift": [layout.shift, features_path(layout.shift)], "generate": [layout.dataset], "pack": [layout.packed],
+        "shift": [layout.shift, features_path(layout.shift)], "generate": [layout.dataset], "audit": [layout.audit],
+        "pack": [layout.packed],
         "train": [layout.train], "eval": [layout.eval], "report": [layout.report],
     }[stage]
 
@@ -312,6 +315,42 @@ def _wait_for_shards(ctx: Context, planned: int) -> int:
                         poll=SHARD_POLL_SECONDS)
 
 
+def audit_references(cfg: ExperimentConfig) -> list[Path]:
+    """What `run` audits the generated set against: the real faces of the shift, the verification sets of
+    ``eval.pairs``, the benchmarks of ``eval.data_root`` that are there (.bin files, IJB folders, RFW), and
+    ``audit.against``."""
+    from digi2real.evaluation.rfw import find_rfw_bins
+    from digi2real.evaluation.run import IJB_DIRS, VERIFICATION_SETS
+
+    refs: list[Path] = []
+    if cfg.shift.real is not None:
+        refs.append(Path(cfg.shift.real))
+    refs += [Path(p) for p in cfg.eval.pairs.values()]
+    root = cfg.eval.data_root
+    if root is not None and Path(root).is_dir():
+        for bench in dict.fromkeys(cfg.eval.benchmarks):
+            if bench in VERIFICATION_SETS and (Path(root) / f"{bench}.bin").is_file():
+                refs.append(Path(root) / f"{bench}.bin")
+            elif bench in IJB_DIRS and (Path(root) / IJB_DIRS[bench]).is_dir():
+                refs.append(Path(root) / IJB_DIRS[bench])
+            elif bench == "rfw":
+                refs += [p for p in find_rfw_bins(Path(root)).values() if p is not None]
+    refs += [Path(p) for p in cfg.audit.against]
+    return list(dict.fromkeys(refs))
+
+
+def run_audit(ctx: Context) -> bool:
+    if not ctx.cfg.audit.enabled:
+        ctx.say("audit disabled (audit.enabled: false)")
+        return True
+    from digi2real.audit.run import audit
+
+    refs = [p for p in audit_references(ctx.cfg) if p.exists()]
+    audit([ctx.layout.dataset], refs, ctx.layout.audit, ctx.cfg.audit, model=ctx.cfg.encoder.model,
+          cache=ctx.layout.audit / "cache", progress=ctx.progress, say=ctx.say)
+    return True
+
+
 def run_pack(ctx: Context) -> bool:
     if not ctx.cfg.pack.enabled:
         ctx.say("pack disabled: training reads the generated image folder")
@@ -355,7 +394,7 @@ def run_report(ctx: Context) -> bool:
 
 RUNNERS: dict[str, Callable[[Context], bool]] = {
     "embed": run_embed, "select": run_select, "plan": run_plan, "shift": run_shift, "generate": run_generate,
-    "pack": run_pack, "train": run_train, "eval": run_eval_stage, "report": run_report,
+    "audit": run_audit, "pack": run_pack, "train": run_train, "eval": run_eval_stage, "report": run_report,
 }
 
 

@@ -596,6 +596,10 @@ def plan_counts(cfg: ExperimentConfig, counts: Counts, layout: "RunLayout", stat
     return out
 
 
+#: A kept ArcFace vector on disk: 512 float32, 5 landmarks, brightness, contrast, attempt (generation/vectors.py).
+VECTOR_BYTES = 512 * 4 + 5 * 2 * 4 + 3 * 4
+
+
 def stage_bytes(cfg: ExperimentConfig, counts: Counts, stage: str, params: int) -> float:
     """Rough disk use of each stage's outputs (the per-image sizes are generation/runner.py's ``DISK_BYTES``)."""
     from digi2real.generation.runner import DISK_BYTES
@@ -603,8 +607,14 @@ def stage_bytes(cfg: ExperimentConfig, counts: Counts, stage: str, params: int) 
     planned, embedded = counts.planned or 0, counts.embed_images or 0
     if stage == "embed":
         return embedded * (512 * 4 + 100)  # float32 rows + an index row
-    if stage == "generate":
-        return planned * (DISK_BYTES[cfg.generate.format] + (DISK_BYTES["raw"] if cfg.generate.keep_raw else 0))
+    if stage == "generate":  # + the ArcFace vector kept for each (float32, landmarks, brightness, contrast)
+        return planned * (DISK_BYTES[cfg.generate.format] + (DISK_BYTES["raw"] if cfg.generate.keep_raw else 0)
+                          + VECTOR_BYTES)
+    if stage == "audit":  # the references' cached vectors: IJB's dominate
+        if not cfg.audit.enabled:
+            return 0.0
+        return 1e6 + (sum(IJB_IMAGES.get(b, 0) for b in cfg.eval.benchmarks) * VECTOR_BYTES
+                      if cfg.eval.data_root else 0.0)
     if stage == "pack" and cfg.pack.enabled:
         return planned * DISK_BYTES["png" if cfg.pack.keep_png else "jpg"]
     if stage == "train":  # weights, SGD momentum and a checkpoint of each, backbone and head (classes x dim)
@@ -693,6 +703,11 @@ def _stage_work(cfg: ExperimentConfig, stage: str, status: str, f: StageForecast
                 "embedded and encoded by Arc2Face's ID encoder"]
     if stage == "generate":
         return _generate_work(cfg, status, f)
+    if stage == "audit":
+        if not cfg.audit.enabled:
+            return ["disabled (audit.enabled: false)"]
+        return [f"the {c.planned or 0:,} generated images' kept vectors against the benchmarks present, "
+                f"eval.pairs, shift.real and audit.against (references embedded once, cached){disk_text}"]
     if stage == "pack":
         return [f"{c.planned or 0:,} images -> RecordIO{disk_text}" if cfg.pack.enabled else "disabled"]
     if stage == "train":

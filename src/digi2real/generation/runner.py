@@ -62,6 +62,8 @@ from digi2real.generation.manifest import (  # noqa: F401 - re-exported: the dat
     read_run_records,
     write_run_record,
 )
+from digi2real.generation.vectors import (PARTS_DIR, VECTORS_DIR, VectorRows, aligned_landmarks, merge_shard,
+                                          write_part)
 from digi2real.identity.plan import Plan, plan_latents, read_plan
 from digi2real.identity.select import prototypes
 from digi2real.identity.store import EmbeddingStore, read_store
@@ -161,6 +163,7 @@ class Verdict:
     detection: dict | None = None
     id_similarity: float | None = None
     proto_similarity: float | None = None
+    embedding: np.ndarray | None = field(default=None, repr=False)  # the gate's ArcFace vector, kept (issue 14)
 
     @property
     def ok(self) -> bool:
@@ -206,6 +209,7 @@ class FaceChecker:
             emb = self.encoder(crops)
             for j, i in enumerate(good):
                 v = verdicts[i]
+                v.embedding = emb[j]
                 v.id_similarity = round(float(emb[j] @ cond[i]), 6)
                 v.proto_similarity = round(float(emb[j] @ protos[i]), 6)
                 ref = v.id_similarity if self.against == "conditioning" else v.proto_similarity
@@ -290,6 +294,12 @@ class GenerationJob:
     @property
     def batch(self) -> int:
         return int(self.cfg.batch_size)
+
+    @property
+    def embedding_dim(self) -> int:
+        """The ArcFace vectors' dimension (512 for the recipe's model)."""
+        encoder = getattr(self.checker, "encoder", None)
+        return int(getattr(encoder, "embedding_dim", self.latents.shape[1]))
 
     def use_batch(self, batch: int, source: str) -> None:
         """Work in batches of ``batch`` (the one a dataset being resumed was made with): units and settings follow."""
@@ -514,6 +524,7 @@ class GenerateSummary:
     seconds: float
     out_dir: Path
     run: dict = field(default_factory=dict)
+    vectors: int = 0  # ArcFace vectors this shard's file keeps (embeddings/, read by `digi2real audit`)
 
     def lines(self) -> list[str]:
         rate = self.written / self.seconds if self.seconds > 0 else 0.0
@@ -521,6 +532,7 @@ class GenerateSummary:
             f"{self.out_dir}: {self.written} images written ({rate:.2f}/s), {self.rejected} rejected after retries, "
             f"{self.retried} retries; {self.already_done} of this shard's {self.shard_images} were already done",
             *run_lines(self.run),
+            f"ArcFace vectors kept: {self.vectors} in {self.out_dir / VECTORS_DIR} (for `digi2real audit`)",
             f"card: {self.out_dir / CARD_FILE}",
         ]
 
@@ -596,8 +608,26 @@ def _clean_temporaries(out_dir: Path, identities: list[str]) -> None:
     identity folders this shard writes to). Other shards may write into the same folders at this moment: only
     temporaries whose writer process is dead (or, from another host, untouched for an hour) are removed
     (:func:`digi2real.fileio.clean_temporaries`), never a running shard's."""
-    folders = [out_dir] + [out_dir / sub / ident for sub in (IMAGES_DIR, RAW_DIR) for ident in identities]
+    folders = [out_dir, out_dir / VECTORS_DIR, out_dir / VECTORS_DIR / PARTS_DIR]
+    folders += [out_dir / sub / ident for sub in (IMAGES_DIR, RAW_DIR) for ident in identities]
     clean_temporaries(folders)
+
+
+def attempt_vectors(job: GenerationJob, events: list[Event]) -> VectorRows:
+    """The gate's ArcFace vector of every image an attempt accepted, with the variation measures the audit reads
+    (landmarks in the aligned crop, the crop's brightness and contrast)."""
+    from digi2real.audit.measures import crop_stats
+
+    keys = job.column("key")
+    good = [ev for ev in events if ev.verdict.ok and ev.verdict.embedding is not None]
+    if not good:
+        return VectorRows.concat([], job.embedding_dim, str(job.settings["arcface_sha256"]))
+    brightness, contrast = crop_stats(np.stack([ev.verdict.crop for ev in good]))
+    detections = [ev.verdict.detection or {} for ev in good]
+    return VectorRows([keys[ev.row] for ev in good], np.array([ev.attempt for ev in good], np.int32),
+                      np.stack([ev.verdict.embedding for ev in good]).astype(np.float32),
+                      np.stack([aligned_landmarks(d.get("landmarks"), d.get("attempt")) for d in detections]),
+                      brightness.astype(np.float32), contrast.astype(np.float32), str(job.settings["arcface_sha256"]))
 
 
 def _write_outputs(job: GenerationJob, out_dir: Path, row: dict, ev: Event) -> None:
@@ -772,6 +802,8 @@ class _Finisher:
             if ev.verdict.ok:
                 _write_outputs(job, self.out_dir, row, ev)
             rows.append(row)
+        if rows:  # like the images, before the rows that name them
+            write_part(self.out_dir, rendered.task.unit, rendered.task.attempt, attempt_vectors(job, events))
         with self.lock:
             self.writer.append(rows)  # after the images: a row never names a file that is not there
             for row in rows:
@@ -822,6 +854,10 @@ def generate_dataset(job: GenerationJob, out_dir: Path, *, shard: Shard = Shard(
         summary = _generate_shard(job, out_dir, shard, rows, writer, progress)
     finally:
         writer.close()
+    # this shard's vectors merged into its file only once its run ended normally; parts a kill leaves are merged
+    # by the next run of the shard
+    summary.vectors = merge_shard(out_dir, manifest_name(shard), shard.owns, read_rows(out_dir),
+                                  str(job.settings["arcface_sha256"]), job.embedding_dim)
     write_card(out_dir)
     summary.seconds, summary.run = time.perf_counter() - start, run
     return summary

@@ -14,7 +14,9 @@ configured, gives a short "not available: <why>" note, never an error):
    of each generated identity, beside the training set's own reference cosines (:mod:`digi2real.report.copying`);
 6. generation gate and acceptance: the dataset card's statistics, rejection reasons, similarity distributions;
 7. training curves from ``train/train_log.jsonl``;
-8. benchmarks: ``eval/results.json`` in the paper's tables beside the paper's rows, and the ROC plots.
+8. benchmarks: ``eval/results.json`` in the paper's tables beside the paper's rows, and the ROC plots;
+9. audit: the audit stage's section (``audit/section.html``): contamination by the benchmarks and real faces,
+   duplicates, consistency, variation and the realism gap (:mod:`digi2real.audit`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("acceptance", "6. Generation gate and acceptance"),
     ("training", "7. Training curves"),
     ("benchmarks", "8. Benchmarks"),
+    ("audit", "9. Audit: leakage, duplicates, consistency, realism gap"),
 )
 
 
@@ -1039,6 +1042,18 @@ def _miniature_study() -> str:
 # ------------------------------------------------------------------------------------------------------ the page
 
 
+def section_audit(run: Run) -> str:
+    """The audit stage's own section (``audit/section.html``, :mod:`digi2real.audit.report`), as it wrote it."""
+    from digi2real.audit.run import SECTION_FILE
+
+    path = run.layout.audit / SECTION_FILE
+    if not path.is_file():
+        why = ("audit.enabled is false" if not run.cfg.audit.enabled else
+               f"the audit stage has not run ({path} does not exist)")
+        raise NotAvailable(why)
+    return path.read_text(encoding="utf-8")
+
+
 BUILDERS: dict[str, Callable[[Run], str]] = {
     "settings": section_settings,
     "samples": section_samples,
@@ -1048,6 +1063,7 @@ BUILDERS: dict[str, Callable[[Run], str]] = {
     "acceptance": section_acceptance,
     "training": section_training,
     "benchmarks": section_benchmarks,
+    "audit": section_audit,
 }
 
 
