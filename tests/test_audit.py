@@ -280,3 +280,28 @@ def test_recordio_and_ijb_references(tmp_path, sets, model):
     assert {(f"person{i:02d}", f"person{i:02d}") for i in range(12)} | {("planted", "planted")} <= pairs
     assert min(m["prototype_cosine"] for m in own["matches"] if m["identity"] == m["reference_identity"]) > 0.98
     assert result["threshold"]["source"] == "fixed cosine, not calibrated"
+
+
+def test_several_sets_give_one_comparison_table(tmp_path, sets, model):
+    """`audit A B --against REF`: a row per set in the JSON, the Markdown table and the HTML, each searched in REF."""
+    out = tmp_path / "out"
+    done = _cli("audit", str(sets["dataset"]), str(sets["photos"]), "--against", str(sets["bin"]), "--model", model,
+                "-o", str(out), "--cache", str(sets["root"] / "cache"), "-q")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "audit.json").read_text())
+    assert [(d["name"], d["identities"]) for d in result["datasets"]] == [("dataset", 15), ("photos", 160)]
+    assert all(set(d["contamination"]) == {"bench"} for d in result["datasets"])
+    rows = [ln for ln in (out / "audit.md").read_text().splitlines() if ln.startswith(("| dataset | 15 |",
+                                                                                     "| photos | 160 |"))]
+    assert len(rows) == 2
+    page = (out / "audit.html").read_text()
+    assert "<h3>dataset</h3>" in page and "<h3>photos</h3>" in page
+
+
+def test_embed_images_audits_a_dataset_without_kept_vectors(tmp_path, sets, model):
+    gen = _fake_generated(tmp_path / "old", np.zeros((4, 8)), ["a", "a", "b", "b"], "x", model, store=False)
+    done = _cli("audit", str(gen), "--embed-images", "--model", model, "-o", str(tmp_path / "o"),
+                "--cache", str(tmp_path / "c"), "-q")
+    assert done.returncode == 0, done.stderr[-2000:]
+    d = json.loads((tmp_path / "o" / "audit.json").read_text())["datasets"][0]
+    assert (d["kind"], d["identities"], d["images"]) == ("generated", 2, 4) and d["note"].startswith("embedded with")
