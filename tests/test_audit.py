@@ -157,6 +157,15 @@ def test_outputs_and_the_cache(audited, sets, model):
     page = (out / "audit.html").read_text()
     assert page.count("data:image/png;base64") >= 4  # the matched and duplicate pairs, side by side
     assert "twin_a" in page and "bench:7" in page
+    # every identity with its most similar reference identity and other identity, as CSV
+    import csv
+
+    nearest = list(csv.DictReader((out / "nearest-dataset-in-bench.csv").open()))
+    assert len(nearest) == 15 and [r["identity"] for r in nearest if r["above_threshold"] == "1"] == ["planted"]
+    planted = next(r for r in nearest if r["identity"] == "planted")
+    assert planted["nearest_reference_identity"] == "bench:7" and planted["reference_image"].endswith("(pair 21)")
+    distinct = {r["identity"]: r for r in csv.DictReader((out / "distinct-dataset.csv").open())}
+    assert distinct["twin_a"]["nearest_other_identity"] == "twin_b" and distinct["twin_a"]["above_threshold"] == "1"
     # a second audit embeds nothing: every chunk comes from the cache, and the numbers are the same
     again = _cli("audit", str(sets["dataset"]), "--against", str(sets["bin"]), str(sets["photos"]), "--model", model,
                  "-o", str(sets["root"] / "out2"), "--cache", str(sets["root"] / "cache"), "-q")

@@ -241,7 +241,7 @@ def test_consistency_d_prime_and_per_identity_means_by_hand():
     c = M.consistency(data, max_impostor_pairs=50)
     genuine = [0.5, 0.0, math.cos(math.radians(30)), math.cos(math.radians(45))]
     assert sorted(c.genuine.tolist()) == pytest.approx(sorted(genuine), abs=1e-6)
-    assert len(c.impostor) == 50 and np.abs(c.impostor).max() < 1e-6
+    assert len(c.impostor) == 6 and np.abs(c.impostor).max() < 1e-6  # all 3 x 2 pairs: 10 pairs in all < 50
     mu, var = np.mean(genuine), np.var(genuine)
     assert c.d_prime == pytest.approx(mu / math.sqrt(var / 2), rel=1e-5)
     assert c.pairwise.tolist() == pytest.approx([(0.5 + 0 + math.cos(math.radians(30))) / 3, genuine[3]], abs=1e-6)
@@ -353,3 +353,21 @@ def test_bench_audit_quick_runs_every_part_and_writes_its_json(tmp_path):
     planted = result["planted"]
     assert planted["leaked_found"] == planted["leaked"] == 10 and planted["duplicates_found"] == 5
     assert result["agreement_with_baseline"]["nearest_reference_planted"] == 1.0
+
+
+def test_small_sets_use_every_impostor_pair_exactly():
+    """With fewer image pairs than max_impostor_pairs, the impostor scores are all of them (no sampling): d' is
+    the hand-computed one over every pair of images of different identities."""
+    rng = np.random.default_rng(7)
+    data = face_set("s", unit(rng.standard_normal((6, D))), 3, rng)
+    c = M.consistency(data, max_impostor_pairs=1000)
+    iu, ju = np.triu_indices(18, 1)
+    gram = data.vectors.astype(np.float64) @ data.vectors.T.astype(np.float64)
+    same = data.labels[iu] == data.labels[ju]
+    genuine, impostor = gram[iu, ju][same], gram[iu, ju][~same]
+    assert not c.impostor_sampled and len(c.impostor) == len(impostor) == 135
+    np.testing.assert_allclose(np.sort(c.impostor), np.sort(impostor), atol=1e-6)
+    expected = abs(genuine.mean() - impostor.mean()) / np.sqrt((genuine.var() + impostor.var()) / 2)
+    assert c.d_prime == pytest.approx(expected, rel=1e-5)
+    assert c.to_dict()["impostor_sampled"] is False
+    assert M.consistency(data, max_impostor_pairs=100).impostor_sampled  # 153 pairs in all > 100: sampled

@@ -500,7 +500,7 @@ def _timed_generation(resolved: ExperimentConfig, layout: RunLayout, statuses: d
             return [f"time: cannot be measured ({exc})"]
         branches = 2 if g.guidance != 1.0 else 1
         total = timing["seconds_per_image"] * planned
-        disk = planned * (DISK_BYTES[g.format] + (DISK_BYTES["raw"] if g.keep_raw else 0))
+        disk = planned * (DISK_BYTES[g.format] + DISK_BYTES["vectors"] + (DISK_BYTES["raw"] if g.keep_raw else 0))
         return [f"{planned:,} images planned; UNet evaluations: {planned * g.steps * branches:,} ({g.steps} steps x "
                 f"{branches} branches per image; retries add up to {g.gate.max_retries}x that for rejected images)",
                 f"disk: about {disk / 1e9:.2f} GB",

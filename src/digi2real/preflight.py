@@ -596,10 +596,6 @@ def plan_counts(cfg: ExperimentConfig, counts: Counts, layout: "RunLayout", stat
     return out
 
 
-#: A kept ArcFace vector on disk: 512 float32, 5 landmarks, brightness, contrast, attempt (generation/vectors.py).
-VECTOR_BYTES = 512 * 4 + 5 * 2 * 4 + 3 * 4
-
-
 def stage_bytes(cfg: ExperimentConfig, counts: Counts, stage: str, params: int) -> float:
     """Rough disk use of each stage's outputs (the per-image sizes are generation/runner.py's ``DISK_BYTES``)."""
     from digi2real.generation.runner import DISK_BYTES
@@ -609,11 +605,11 @@ def stage_bytes(cfg: ExperimentConfig, counts: Counts, stage: str, params: int) 
         return embedded * (512 * 4 + 100)  # float32 rows + an index row
     if stage == "generate":  # + the ArcFace vector kept for each (float32, landmarks, brightness, contrast)
         return planned * (DISK_BYTES[cfg.generate.format] + (DISK_BYTES["raw"] if cfg.generate.keep_raw else 0)
-                          + VECTOR_BYTES)
+                          + DISK_BYTES["vectors"])
     if stage == "audit":  # the references' cached vectors: IJB's dominate
         if not cfg.audit.enabled:
             return 0.0
-        return 1e6 + (sum(IJB_IMAGES.get(b, 0) for b in cfg.eval.benchmarks) * VECTOR_BYTES
+        return 1e6 + (sum(IJB_IMAGES.get(b, 0) for b in cfg.eval.benchmarks) * DISK_BYTES["vectors"]
                       if cfg.eval.data_root else 0.0)
     if stage == "pack" and cfg.pack.enabled:
         return planned * DISK_BYTES["png" if cfg.pack.keep_png else "jpg"]

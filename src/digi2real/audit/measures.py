@@ -820,10 +820,11 @@ class Consistency:
     to_prototype: np.ndarray  # float32 [m] mean cosine of an identity's images to its prototype
     pairwise: np.ndarray  # float32 [m] mean cosine of its image pairs (NaN with one image)
     genuine: np.ndarray  # float32 pooled within-identity image-pair cosines (all pairs, or a sample)
-    impostor: np.ndarray  # float32 image-pair cosines of different identities (a sample)
+    impostor: np.ndarray  # float32 image-pair cosines of different identities (all of them, or a sample)
     genuine_total: int  # within-identity pairs in the set (genuine holds all of them, or a sample)
     d_prime: float | None  # |mu_g - mu_i| / sqrt((var_g + var_i) / 2); None without both kinds of pairs
     identities: list[str] = field(default_factory=list)
+    impostor_sampled: bool = True  # False: ``impostor`` holds every image pair of different identities
 
     def worst(self, n: int = 10) -> list[dict]:
         """The n identities with the lowest mean pairwise genuine cosine (those with two or more images)."""
@@ -836,6 +837,7 @@ class Consistency:
             "dataset": self.dataset, "identities": len(self.images), "images": int(self.images.sum()),
             "genuine_pairs": len(self.genuine), "genuine_pairs_total": self.genuine_total,
             "genuine_sampled": len(self.genuine) < self.genuine_total, "impostor_pairs": len(self.impostor),
+            "impostor_sampled": self.impostor_sampled,
             "genuine": summary(self.genuine), "impostor": summary(self.impostor), "d_prime": self.d_prime,
             "to_prototype": summary(self.to_prototype), "pairwise": summary(self.pairwise), "worst": self.worst(),
         })
@@ -863,11 +865,16 @@ def _genuine_pairs(dataset: Embedded, limit: int, rng: np.random.Generator) -> t
 
 
 def _impostor_images(dataset: Embedded, count: int, rng: np.random.Generator) -> np.ndarray:
-    """``count`` cosines of image pairs drawn uniformly among pairs of images of different identities (pairs of one
+    """Cosines of image pairs of different identities: all of them (i < j) when the set has at most ``count`` image
+    pairs in all, so small sets get exact figures; else ``count`` pairs drawn uniformly among them (pairs of one
     identity are redrawn)."""
     n = len(dataset.labels)
     if len(dataset.identities) < 2 or count <= 0:
         return np.empty(0, np.float32)
+    if n * (n - 1) // 2 <= count:
+        iu, ju = np.triu_indices(n, 1)
+        other = dataset.labels[iu] != dataset.labels[ju]
+        return _pair_dots(dataset.vectors, iu[other], ju[other])
     i = np.empty(0, np.int64)
     j = np.empty(0, np.int64)
     while len(i) < count:
@@ -890,8 +897,8 @@ def consistency(dataset: Embedded, *, max_impostor_pairs: int = 1_000_000, seed:
                 max_genuine_pairs: int = MAX_GENUINE_PAIRS) -> Consistency:
     """Consistency (issue 14): per identity, the mean cosine of its images to its prototype (which includes them)
     and the mean cosine of its image pairs; pooled, every within-identity image pair i < j (a uniform seeded sample of
-    ``max_genuine_pairs`` when there are more) against ``max_impostor_pairs`` seeded image pairs of different
-    identities, and their d'. Per identity both means come from the identity's sum s of c unit rows: to the
+    ``max_genuine_pairs`` when there are more) against every image pair of different identities (``max_impostor_pairs``
+    seeded pairs when the set has more image pairs than that in all), and their d'. Per identity both means come from the identity's sum s of c unit rows: to the
     prototype ||s|| / c, pairwise (||s||^2 - sum ||v||^2) / (c (c - 1))."""
     rng = np.random.default_rng(seed)
     m = len(dataset.identities)
@@ -904,8 +911,9 @@ def consistency(dataset: Embedded, *, max_impostor_pairs: int = 1_000_000, seed:
         pairwise = np.where(count >= 2, (norm2 - sq) / (count * (count - 1.0)), np.nan).astype(np.float32)
     genuine, total = _genuine_pairs(dataset, max_genuine_pairs, rng)
     impostor = _impostor_images(dataset, max_impostor_pairs, rng)
+    n = len(dataset.labels)
     return Consistency(dataset.name, count, to_proto, pairwise, genuine, impostor, total, d_prime(genuine, impostor),
-                       dataset.identities)
+                       dataset.identities, impostor_sampled=n * (n - 1) // 2 > max_impostor_pairs)
 
 
 # ------------------------------------------------------------------------------------------------------ variation

@@ -1,6 +1,7 @@
-"""What an audit writes: ``audit.json`` (every number), ``audit.md`` (the comparison table and the lists) and
-``audit.html`` (self-contained, with the matched image pairs side by side); ``section.html`` is the same HTML
-section alone, which the run report includes."""
+"""What an audit writes: ``audit.json`` (every number), ``audit.md`` (the comparison table and the lists),
+``audit.html`` (self-contained, with the matched image pairs side by side), ``nearest-<set>-in-<reference>.csv`` and
+``distinct-<set>.csv`` (every identity's most similar reference identity and most similar other identity);
+``section.html`` is the same HTML section alone, which the run report includes."""
 
 from __future__ import annotations
 
@@ -220,10 +221,54 @@ def write_outputs(out_dir: Path, summary: dict[str, Any], inputs, shown: int = 6
     plain = {**summary, "datasets": [{k: v for k, v in d.items() if k != "_objects"} for d in summary["datasets"]]}
     write_json(out_dir / "audit.json", plain)
     write_text(out_dir / "audit.md", markdown(plain))
+    for d, result in zip(inputs.datasets, summary["datasets"]):
+        refs = {r.name: r for r in inputs.refs}
+        for ref_name, c in result["_objects"]["contamination"].items():
+            write_text(out_dir / f"nearest-{_file_part(d.name)}-in-{_file_part(ref_name)}.csv",
+                       nearest_csv(d, refs[ref_name], c))
+        write_text(out_dir / f"distinct-{_file_part(d.name)}.csv", distinct_csv(d, result["_objects"]["distinctness"]))
     write_text(out_dir / "section.html", section)
     names = ", ".join(d["name"] for d in summary["datasets"])
     write_text(out_dir / "audit.html", H.page(f"Face-set audit: {names}", f"digi2real audit, {summary['created']}",
                                             [("audit", "Audit")], [H.section("audit", "Audit", section)]))
+
+
+def _file_part(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name) or "set"
+
+
+def _csv(rows: list[list[Any]]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def nearest_csv(d, ref, c: M.Contamination) -> str:
+    """Every identity of the dataset with its most similar reference identity (prototype cosine), the best image
+    pair among its nearest reference identities and whether it is above the threshold."""
+    rows: list[list[Any]] = [["identity", "nearest_reference_identity", "prototype_cosine", "above_threshold",
+                              "image_reference_identity", "image_cosine", "image", "reference_image"]]
+    for i, name in enumerate(d.embedded.identities):
+        a, b = int(c.image_rows[i, 0]), int(c.image_rows[i, 1])
+        rows.append([name, ref.embedded.identities[int(c.nearest[i])], f"{float(c.nearest_cosine[i]):.6f}",
+                     int(c.nearest_cosine[i] > c.threshold.value), ref.embedded.identities[int(c.image_reference[i])],
+                     f"{float(c.image_cosine[i]):.6f}", d.label(a), ref.label(b)])
+    return _csv(rows)
+
+
+def distinct_csv(d, dist: M.Distinctness) -> str:
+    """Every identity of the dataset with its most similar other identity (the paper's Table 4 criterion)."""
+    names = d.embedded.identities
+    rows: list[list[Any]] = [["identity", "nearest_other_identity", "prototype_cosine", "above_threshold"]]
+    for i, name in enumerate(names):
+        j = int(dist.nearest[i])
+        cos = float(dist.max_cosine[i])
+        rows.append([name, names[j] if j >= 0 else "", f"{cos:.6f}" if np.isfinite(cos) else "",
+                     int(np.isfinite(cos) and cos > dist.threshold.value)])
+    return _csv(rows)
 
 
 def contamination_dict(c: M.Contamination, calibration: str) -> dict[str, Any]:

@@ -37,6 +37,8 @@ from digi2real.fileio import atomic_path
 CHUNK = 1024
 SIZE = 112  # the ArcFace crop (FACTS 3)
 CACHE_FORMAT = "digi2real-audit-chunk/1"
+#: A file that is not a .bin is read as a pairs list (``path_a path_b label`` lines) when it is named like one.
+PAIRS_SUFFIXES = (".txt", ".lst", ".list", ".pairs", "")
 
 
 @dataclass
@@ -344,6 +346,8 @@ def open_set(path: str | os.PathLike[str], *, encoder=None, model: Model | None 
     if not p.exists():
         raise Digi2RealError(f"{p}: not found; give a generated dataset, an image folder, a RecordIO folder, a .bin "
                              "benchmark, a pairs list or an IJB folder")
+    if p.is_file() and p.name in ("train.rec", "train.idx", "property"):
+        p = p.parent  # a RecordIO file names its folder
     name = name or p.name or str(p)
     if is_generated(p) and not embed_generated:
         return _generated(p, name, None)
@@ -357,6 +361,9 @@ def open_set(path: str | os.PathLike[str], *, encoder=None, model: Model | None 
         images, impostors = _bin_images(p)
         kind = "bin"
     elif p.is_file():
+        if p.suffix.lower() not in PAIRS_SUFFIXES:
+            raise Digi2RealError(f"{p}: not a face set this audit reads (a .bin benchmark, a pairs list .txt, or a "
+                                 "folder: generated dataset, RecordIO, IJB, images per identity)")
         images, impostors = _pairs_images(p)
         kind = "pairs"
     elif is_generated(p):

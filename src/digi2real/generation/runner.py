@@ -81,7 +81,9 @@ NAN = "nan"
 LOW_SIMILARITY = "low_similarity"
 
 #: Rough on-disk sizes used by ``--dry-run`` (bytes): a 112 x 112 PNG / JPEG crop and a raw 512 x 512 PNG.
-DISK_BYTES = {"png": 24_000, "jpg": 5_000, "raw": 420_000}
+#: Bytes per image on disk: the crop (png or jpg), the raw image, the kept ArcFace vector (512 float32, five
+#: landmarks, brightness, contrast, attempt: generation/vectors.py).
+DISK_BYTES = {"png": 24_000, "jpg": 5_000, "raw": 420_000, "vectors": 512 * 4 + 5 * 2 * 4 + 3 * 4}
 
 
 # ------------------------------------------------------------------------------------------------------ seeds, units
@@ -677,7 +679,7 @@ def dry_run_lines(job: GenerationJob, shard: Shard, pending: int, shard_total: i
                   timing: dict | None) -> list[str]:
     branches = 2 if cfg.guidance != 1.0 else 1
     evals = pending * cfg.steps * branches
-    disk = pending * (DISK_BYTES[cfg.format] + (DISK_BYTES["raw"] if cfg.keep_raw else 0))
+    disk = pending * (DISK_BYTES[cfg.format] + DISK_BYTES["vectors"] + (DISK_BYTES["raw"] if cfg.keep_raw else 0))
     units = sum(shard.owns(i) for i in range(len(job.units)))
     lines = [
         f"plan: {len(job.plan)} images in {len(job.units)} work units of {job.batch} (batch {job.batch_source}); "
