@@ -86,6 +86,10 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "images").rglob("*")) if p.is_file()}
 
 
+def _vector_files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((root / "embeddings").glob("shard-*.safetensors"))}
+
+
 def _vectors(root: Path) -> dict[str, tuple[bytes, ...]]:
     """The stored ArcFace vector (and variation measures) of every accepted image, as bytes, by key."""
     from digi2real.generation.vectors import read_vectors
@@ -160,6 +164,7 @@ def test_same_seed_same_images(tmp_path, reference, plan_file, mini_generator, e
     summary = generate_dataset(job, tmp_path / "again", progress=False)
     assert _files(tmp_path / "again") == _files(reference)
     assert _rows(tmp_path / "again") == _rows(reference)
+    assert _vector_files(tmp_path / "again") == _vector_files(reference)  # the kept vectors' file, byte for byte
     lines = summary.lines()
     assert lines[1].startswith("models: Arc2Face cpu") and "batch 6 (set), finished in line" in lines[1]
     assert f"ArcFace vectors kept: 20 in {tmp_path / 'again' / 'embeddings'} (for `digi2real audit`)" in lines
@@ -401,7 +406,7 @@ def test_a_failure_on_a_worker_stops_the_run_and_it_resumes_to_the_same_dataset(
     summary = generate_dataset(job, out, progress=False)
     assert summary.already_done == len(read_rows(out)) - summary.written
     assert _files(out) == _files(reference) and _rows(out) == _rows(reference)
-    assert _vectors(out) == _vectors(reference)
+    assert _vectors(out) == _vectors(reference) and _vector_files(out) == _vector_files(reference)
 
 
 def test_ctrl_c_keeps_the_finished_work_and_it_resumes_to_the_same_dataset(tmp_path, reference, plan_file,
@@ -436,7 +441,7 @@ def test_ctrl_c_keeps_the_finished_work_and_it_resumes_to_the_same_dataset(tmp_p
     summary = generate_dataset(job, out, progress=False)
     assert (summary.already_done, summary.written) == (12, 8)
     assert _files(out) == _files(reference) and _rows(out) == _rows(reference)
-    assert _vectors(out) == _vectors(reference)
+    assert _vectors(out) == _vectors(reference) and _vector_files(out) == _vector_files(reference)
 
 
 def test_dry_run_makes_nothing(tmp_path, plan_file, mini_generator, encoder):
@@ -519,6 +524,7 @@ def test_cli_pipeline_killed_run_resumes_to_the_identical_dataset(tmp_path, mini
     assert _files(out) == _files(tmp_path / "whole")
     assert _rows(out) == _rows(tmp_path / "whole")
     assert _vectors(out) == _vectors(tmp_path / "whole")  # SIGKILLed and resumed: the same stored vectors
+    assert _vector_files(out) == _vector_files(tmp_path / "whole")  # and the same file, byte for byte
     assert {r["shift_weight"] for r in read_rows(out)} == {1.0}
     assert not list(out.rglob(".*.tmp"))
     assert "complete: 20 of 20" in (out / "card.md").read_text()

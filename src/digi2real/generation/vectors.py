@@ -13,8 +13,9 @@ same image.
 Each file holds, row-aligned (float32 so the vectors are exactly the gate's):
 ``vectors`` [n, d] (unit rows), ``attempts`` int32 [n], ``landmarks`` [n, 5, 2] (the five detected landmarks mapped
 into the 112 x 112 aligned crop; NaN when the input was taken as aligned and nothing was detected), ``brightness`` and
-``contrast`` [n] (grey-level mean and standard deviation of the written crop); metadata: the manifest ``keys`` (JSON),
-the ArcFace file's SHA-256 and the format. :func:`read_vectors` returns the vector of every accepted image of the
+``contrast`` [n] (grey-level mean and standard deviation of the written crop); metadata (one entry, ``digi2real``,
+JSON): the manifest ``keys``, the ArcFace file's SHA-256, the dimension and the format. The same vectors make the same
+bytes (a kill and resume, or a rerun, leaves a shard file byte-identical). :func:`read_vectors` returns the vector of every accepted image of the
 dataset (each manifest row that is final and ok, matched by key and attempt), in (identity, image index) order.
 """
 
@@ -35,6 +36,7 @@ from digi2real.fileio import atomic_path
 VECTORS_DIR = "embeddings"
 PARTS_DIR = "parts"
 FORMAT = "digi2real-vectors/1"
+META_KEY = "digi2real"  # the file's one metadata entry: JSON of format, keys, model_sha256, dim
 LANDMARKS = 5
 #: The ArcFace crop the landmarks are expressed in (FACTS 3).
 CROP = 112
@@ -113,8 +115,10 @@ def _write(path: Path, rows: VectorRows) -> None:
                "landmarks": np.ascontiguousarray(rows.landmarks, np.float32),
                "brightness": np.ascontiguousarray(rows.brightness, np.float32),
                "contrast": np.ascontiguousarray(rows.contrast, np.float32)}
-    meta = {"format": FORMAT, "keys": json.dumps(rows.keys), "model_sha256": rows.model_sha256,
-            "dim": str(rows.vectors.shape[1])}
+    # one metadata entry: safetensors writes several in an order that changes from process to process, and the same
+    # vectors must make the same bytes
+    meta = {META_KEY: json.dumps({"format": FORMAT, "keys": rows.keys, "model_sha256": rows.model_sha256,
+                                  "dim": int(rows.vectors.shape[1])}, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -131,10 +135,14 @@ READ_ROWS = 65_536
 
 def _open_checked(f, path: Path) -> tuple[list[str], dict, int]:
     """The keys, metadata and dimension of an open vectors file, checked."""
-    meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise Digi2RealError(f"{path}: not a digi2real vectors file (format {meta.get('format')!r}); {_FIX}")
-    keys = json.loads(meta["keys"])
+    try:
+        meta = json.loads((f.metadata() or {}).get(META_KEY, "null"))
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise Digi2RealError(f"{path}: not a digi2real vectors file (format {found!r}); {_FIX}")
+    keys = meta.get("keys")
     n = len(keys) if isinstance(keys, list) else -1
     shapes = {name: tuple(f.get_slice(name).get_shape()) for name in ARRAYS}
     v = shapes["vectors"]
