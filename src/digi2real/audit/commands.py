@@ -80,13 +80,14 @@ def run(args: argparse.Namespace) -> int:
     from digi2real.errors import Digi2RealError
     from digi2real.fileio import check_apart
 
-    cfg = load_config(args, given(audit__far=args.far, audit__threshold=args.threshold,
-                                  audit__fixed_threshold=args.fixed_threshold, audit__calibrate=args.calibrate, audit__calibration=args.calibration,
-                                  audit__neighbours=args.neighbours)).audit
+    full = load_config(args, given(audit__far=args.far, audit__threshold=args.threshold,
+                                   audit__fixed_threshold=args.fixed_threshold, audit__calibrate=args.calibrate,
+                                   audit__calibration=args.calibration, audit__neighbours=args.neighbours))
+    cfg = full.audit
     if args.output.exists() and not args.output.is_dir():
         raise Digi2RealError(f"-o {args.output}: is a file; name a folder for audit.json, audit.md and audit.html")
     check_apart(args.output, [*args.datasets, *args.against])
     summary = audit(list(args.datasets), list(args.against), args.output, cfg, model=args.model, cache=args.cache,
-                    embed_images=args.embed_images, progress=not args.quiet)
+                    embed_images=args.embed_images, progress=not args.quiet, encoder_cfg=full.encoder)
     print(f"audit: {args.output / 'audit.html'} (+ audit.json, audit.md) in {summary['seconds']:.1f} s")
     return 0

@@ -27,7 +27,7 @@ import numpy as np
 import digi2real
 from digi2real.audit import measures as M
 from digi2real.audit.sets import AuditSet, Model, generated_model, is_generated, open_set
-from digi2real.config import AuditConfig
+from digi2real.config import AuditConfig, EncoderConfig
 from digi2real.errors import Digi2RealError
 
 AUDIT_FILE = "audit.json"
@@ -46,12 +46,16 @@ class Inputs:
 # ------------------------------------------------------------------------------------------------------ model
 
 
-def _load_encoder(spec: str, cfg_device: str):
-    from digi2real.config import EncoderConfig
+def _load_encoder(spec: str, cfg_device: str, base: EncoderConfig | None = None):
+    """``spec`` loaded with the encoder settings of ``base`` (the experiment's ``encoder:``: batch size,
+    normalisation), its own output size, on the CPU when ``audit.device`` says so."""
     from digi2real.faces.arcface import ArcFaceEncoder
 
-    provider = "cpu" if cfg_device == "cpu" else "auto"
-    return ArcFaceEncoder.load(EncoderConfig(model=spec, provider=provider, embedding_dim=_onnx_dim(spec)))
+    base = base or EncoderConfig()
+    update: dict[str, Any] = {"model": spec, "embedding_dim": _onnx_dim(spec)}
+    if cfg_device == "cpu":
+        update["provider"] = "cpu"
+    return ArcFaceEncoder.load(base.model_copy(update=update))
 
 
 def _onnx_dim(spec: str) -> int:
@@ -94,9 +98,10 @@ def check_models(sets: list[AuditSet], given: Model | None = None) -> None:
 
 
 def open_inputs(datasets: list[Path], refs: list[Path], cfg: AuditConfig, *, model: str | None, cache: Path,
-                embed_images: bool = False, progress: bool = True) -> Inputs:
+                embed_images: bool = False, progress: bool = True, encoder_cfg: EncoderConfig | None = None
+                ) -> Inputs:
     spec = resolve_model(datasets, model)
-    encoder = _load_encoder(spec, cfg.device) if spec else None
+    encoder = _load_encoder(spec, cfg.device, encoder_cfg) if spec else None
     described = Model(encoder.file_hash(), str(spec), encoder.embedding_dim) if encoder else None
     opened: list[AuditSet] = []
     names: set[str] = set()
@@ -214,15 +219,17 @@ def audit_one(d: AuditSet, refs: list[AuditSet], threshold: M.Threshold, cfg: Au
 
 def audit(datasets: list[Path], refs: list[Path], out_dir: Path, cfg: AuditConfig, *, model: str | None = None,
           cache: Path | None = None, embed_images: bool = False, progress: bool = True,
-          say=print) -> dict[str, Any]:
-    """Audit ``datasets`` against ``refs``; write audit.json, audit.md and audit.html into ``out_dir``."""
+          encoder_cfg: EncoderConfig | None = None, say=print) -> dict[str, Any]:
+    """Audit ``datasets`` against ``refs``; write audit.json, audit.md, audit.html and the CSVs into ``out_dir``.
+    ``model`` embeds the sets without kept vectors (default: the one the first generated dataset recorded), with
+    ``encoder_cfg``'s batch size and normalisation."""
     from digi2real.audit.report import write_outputs
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
     cache = Path(cache) if cache is not None else out_dir / "cache"
     inputs = open_inputs(datasets, refs, cfg, model=model, cache=cache, embed_images=embed_images,
-                         progress=progress)
+                         progress=progress, encoder_cfg=encoder_cfg)
     threshold, calibrated_on, kind, each = match_threshold(inputs.refs, cfg)
     results = [audit_one(d, inputs.refs, threshold, cfg, kind) for d in inputs.datasets]
     summary: dict[str, Any] = {
