@@ -314,3 +314,37 @@ def test_embed_images_audits_a_dataset_without_kept_vectors(tmp_path, sets, mode
     assert done.returncode == 0, done.stderr[-2000:]
     d = json.loads((tmp_path / "o" / "audit.json").read_text())["datasets"][0]
     assert (d["kind"], d["identities"], d["images"]) == ("generated", 2, 4) and d["note"].startswith("embedded with")
+
+
+def test_photographs_are_aligned_with_mtcnn_and_faceless_ones_left_out(tmp_path, sets, model, astronaut, grace):
+    """A reference of photographs (not 112 x 112): each is detected and aligned by MTCNN, as the shift stage takes
+    real faces, so its vector is the aligned face's; an image without a face is left out and counted."""
+    import csv
+
+    from digi2real.config import AlignConfig, EncoderConfig
+    from digi2real.faces.arcface import ArcFaceEncoder
+    from digi2real.faces.detect import detect_and_align
+    from digi2real.imageio import read_image
+
+    photos = tmp_path / "photos"
+    write_image(photos / "astronaut" / "0.png", astronaut)
+    write_image(photos / "hopper" / "0.png", grace)
+    write_image(photos / "wall" / "0.png", np.full((200, 160, 3), 128, np.uint8))  # no face
+    out = tmp_path / "out"
+    done = _cli("audit", str(sets["dataset"]), "--against", str(photos), "--model", model, "-o", str(out),
+                "--cache", str(tmp_path / "cache"), "-q")
+    assert done.returncode == 0, done.stderr[-2000:]
+    ref = json.loads((out / "audit.json").read_text())["references"][0]
+    assert (ref["identities"], ref["images"]) == (2, 2)
+    assert ref["note"].endswith("1 photographs without a face found left out")
+    # each reference vector is its MTCNN-aligned face's: the planted identity's nearest reference identity and
+    # cosine in the CSV are those computed here from the aligned crops
+    enc = ArcFaceEncoder.load(EncoderConfig(model=model, embedding_dim=_dim(model)))
+    faces = {name: enc(detect_and_align([img], cfg=AlignConfig(input="photo"))[0].crop[None])[0]
+             for name, img in (("astronaut", astronaut), ("hopper", grace))}
+    planted = enc(np.stack([read_image(sets["dataset"] / "planted" / f"{k}.png") for k in range(4)]))
+    proto = planted.mean(axis=0) / np.linalg.norm(planted.mean(axis=0))
+    cosines = {name: float(proto @ v) for name, v in faces.items()}
+    row = next(r for r in csv.DictReader((out / "nearest-dataset-in-photos.csv").open()) if r["identity"] == "planted")
+    assert row["nearest_reference_identity"] == max(cosines, key=cosines.get)
+    assert float(row["prototype_cosine"]) == pytest.approx(max(cosines.values()), abs=1e-4)

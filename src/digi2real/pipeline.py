@@ -347,7 +347,8 @@ def run_audit(ctx: Context) -> bool:
 
     refs = [p for p in audit_references(ctx.cfg) if p.exists()]
     audit([ctx.layout.dataset], refs, ctx.layout.audit, ctx.cfg.audit, model=ctx.cfg.encoder.model,
-          cache=ctx.layout.audit / "cache", progress=ctx.progress, encoder_cfg=ctx.cfg.encoder, say=ctx.say)
+          cache=ctx.layout.audit / "cache", progress=ctx.progress, encoder_cfg=ctx.cfg.encoder,
+          align_cfg=ctx.cfg.align, say=ctx.say)
     return True
 
 

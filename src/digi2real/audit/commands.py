@@ -32,7 +32,9 @@ DESCRIPTION = textwrap.dedent("""\
     Sets: a generated dataset (its ArcFace vectors, kept by `generate`, are read; nothing is embedded), an image
     folder (a folder per identity, or image files each its own person), a RecordIO folder, a .bin benchmark or a
     pairs list (identities are the groups its genuine pairs join; its non-match pairs are its impostors), an
-    IJB folder (templates as identities). Images must be aligned square crops (`digi2real align` first).
+    IJB folder (templates as identities). A 112 x 112 image is taken as an aligned crop; any other image (but
+    a .bin's, resized as insightface does) as a photograph: MTCNN detects and aligns it (the config's
+    align.detector), and one without a face is left out and counted.
     Everything that is not a generated dataset is embedded once, in chunks cached under --cache (by model and
     image bytes): a second audit, or one after a kill, embeds nothing twice.
 
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         raise Digi2RealError(f"-o {args.output}: is a file; name a folder for audit.json, audit.md and audit.html")
     check_apart(args.output, [*args.datasets, *args.against])
     summary = audit(list(args.datasets), list(args.against), args.output, cfg, model=args.model, cache=args.cache,
-                    embed_images=args.embed_images, progress=not args.quiet, encoder_cfg=full.encoder)
+                    embed_images=args.embed_images, progress=not args.quiet, encoder_cfg=full.encoder,
+                    align_cfg=full.align)
     print(f"audit: {args.output / 'audit.html'} (+ audit.json, audit.md) in {summary['seconds']:.1f} s")
     return 0

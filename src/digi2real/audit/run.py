@@ -27,7 +27,7 @@ import numpy as np
 import digi2real
 from digi2real.audit import measures as M
 from digi2real.audit.sets import AuditSet, Model, generated_model, is_generated, open_set
-from digi2real.config import AuditConfig, EncoderConfig
+from digi2real.config import AlignConfig, AuditConfig, EncoderConfig
 from digi2real.errors import Digi2RealError
 
 AUDIT_FILE = "audit.json"
@@ -98,8 +98,8 @@ def check_models(sets: list[AuditSet], given: Model | None = None) -> None:
 
 
 def open_inputs(datasets: list[Path], refs: list[Path], cfg: AuditConfig, *, model: str | None, cache: Path,
-                embed_images: bool = False, progress: bool = True, encoder_cfg: EncoderConfig | None = None
-                ) -> Inputs:
+                embed_images: bool = False, progress: bool = True, encoder_cfg: EncoderConfig | None = None,
+                align_cfg: AlignConfig | None = None) -> Inputs:
     spec = resolve_model(datasets, model)
     encoder = _load_encoder(spec, cfg.device, encoder_cfg) if spec else None
     described = Model(encoder.file_hash(), str(spec), encoder.embedding_dim) if encoder else None
@@ -108,7 +108,7 @@ def open_inputs(datasets: list[Path], refs: list[Path], cfg: AuditConfig, *, mod
     for i, path in enumerate([*datasets, *refs]):
         name = _unique(Path(path), names)
         s = open_set(path, encoder=encoder, model=described, cache=cache, name=name,
-                     embed_generated=embed_images and i < len(datasets), progress=progress)
+                     embed_generated=embed_images and i < len(datasets), align=align_cfg, progress=progress)
         if described is not None and s.model.sha256 == described.sha256:
             s.model = described  # the same file: say it by the name the user gave
         opened.append(s)
@@ -219,17 +219,18 @@ def audit_one(d: AuditSet, refs: list[AuditSet], threshold: M.Threshold, cfg: Au
 
 def audit(datasets: list[Path], refs: list[Path], out_dir: Path, cfg: AuditConfig, *, model: str | None = None,
           cache: Path | None = None, embed_images: bool = False, progress: bool = True,
-          encoder_cfg: EncoderConfig | None = None, say=print) -> dict[str, Any]:
+          encoder_cfg: EncoderConfig | None = None, align_cfg: AlignConfig | None = None,
+          say=print) -> dict[str, Any]:
     """Audit ``datasets`` against ``refs``; write audit.json, audit.md, audit.html and the CSVs into ``out_dir``.
     ``model`` embeds the sets without kept vectors (default: the one the first generated dataset recorded), with
-    ``encoder_cfg``'s batch size and normalisation."""
+    ``encoder_cfg``'s batch size and normalisation; photographs are aligned with ``align_cfg``'s MTCNN settings."""
     from digi2real.audit.report import write_outputs
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
     cache = Path(cache) if cache is not None else out_dir / "cache"
     inputs = open_inputs(datasets, refs, cfg, model=model, cache=cache, embed_images=embed_images,
-                         progress=progress, encoder_cfg=encoder_cfg)
+                         progress=progress, encoder_cfg=encoder_cfg, align_cfg=align_cfg)
     threshold, calibrated_on, kind, each = match_threshold(inputs.refs, cfg)
     results = [audit_one(d, inputs.refs, threshold, cfg, kind) for d in inputs.datasets]
     summary: dict[str, Any] = {

@@ -14,8 +14,9 @@ has embedded before. What a set is, is read from its path:
   each template an identity and the protocol's non-match template pairs its impostors;
 - any other folder: one sub-folder per identity, or, when it holds image files only, each image its own identity.
 
-Images are taken as aligned square crops (resized to 112 x 112 as insightface's ``load_bin`` does); photographs are
-aligned first with `digi2real align`.
+A 112 x 112 image is an aligned crop already (the convention of the shift stage); a ``.bin``'s other sizes are resized
+as insightface's ``load_bin`` does; any other image is a photograph, detected and aligned with MTCNN, and left out
+(counted) when no face is found (:class:`Cropper`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from digi2real.audit.measures import Embedded, crop_stats
+from digi2real.config import AlignConfig
 from digi2real.errors import BadImageError, Digi2RealError
 from digi2real.fileio import atomic_path
 
@@ -75,19 +77,60 @@ class AuditSet:
 # ------------------------------------------------------------------------------------------------------ images
 
 
-def _as_crop(blob: bytes, where: str) -> np.ndarray:
+def _resized(rgb: np.ndarray) -> np.ndarray:
     from PIL import Image
 
-    from digi2real.imageio import decode_image
+    return np.asarray(Image.fromarray(rgb).resize((SIZE, SIZE), Image.BILINEAR))
 
-    rgb = decode_image(blob, where)
-    h, w = rgb.shape[:2]
-    if h != w:
-        raise BadImageError(f"{where}: image is {w}x{h} px, not a square aligned crop; align the set's photographs "
-                            "with `digi2real align` first")
-    if (h, w) != (SIZE, SIZE):
-        rgb = np.asarray(Image.fromarray(rgb).resize((SIZE, SIZE), Image.BILINEAR))
-    return rgb
+
+@dataclass
+class Cropper:
+    """How a set's images become ArcFace's 112 x 112 crops, as the shift stage takes real faces: a 112 x 112 image is
+    an aligned crop already; a ``.bin`` benchmark's other sizes are resized (insightface's ``load_bin``); any other
+    image is a photograph, detected and aligned with MTCNN (FACTS 1, 3; the experiment's ``align.detector``), and
+    left out when no face is found."""
+
+    align: AlignConfig | None = None
+    resize_only: bool = False
+    _detector: object = field(default=None, repr=False)
+
+    def tag(self) -> str:
+        """What the crops depend on besides the image bytes (part of the cache key)."""
+        if self.resize_only:
+            return "resize"
+        return "mtcnn:" + json.dumps(self._align().detector.model_dump(mode="json"), sort_keys=True)
+
+    def _align(self) -> AlignConfig:
+        base = self.align or AlignConfig()
+        return base.model_copy(update={"size": SIZE, "input": "photo"})
+
+    def __call__(self, blobs: Sequence[bytes], names: Sequence[str]) -> list[np.ndarray | None]:
+        """The crop of each image, None where no face was found; an unreadable image is refused (one line)."""
+        from digi2real.imageio import decode_image
+
+        out: list[np.ndarray | None] = []
+        photos: dict[int, np.ndarray] = {}
+        for i, (blob, where) in enumerate(zip(blobs, names)):
+            rgb = decode_image(blob, where)
+            if rgb.shape[:2] == (SIZE, SIZE):
+                out.append(rgb)
+            elif self.resize_only:
+                out.append(_resized(rgb))
+            else:
+                out.append(None)
+                photos[i] = rgb
+        if photos:
+            from digi2real.faces.detect import detect_and_align
+
+            if self._detector is None:
+                from digi2real.faces.mtcnn import MTCNN
+
+                self._detector = MTCNN.from_package(self._align().detector)
+            found = detect_and_align(list(photos.values()), self._detector, self._align(),
+                                     names=[names[i] for i in photos])
+            for i, face in zip(photos, found):
+                out[i] = face.crop if face.ok else None
+        return out
 
 
 def _read(path: Path) -> bytes:
@@ -113,8 +156,8 @@ class Images:
         return len(self.labels)
 
 
-def _chunk_key(model: Model, blobs: Sequence[bytes]) -> str:
-    h = hashlib.sha256(f"{CACHE_FORMAT}|{model.sha256}|{SIZE}|".encode())
+def _chunk_key(model: Model, tag: str, blobs: Sequence[bytes]) -> str:
+    h = hashlib.sha256(f"{CACHE_FORMAT}|{model.sha256}|{SIZE}|{tag}|".encode())
     for b in blobs:
         h.update(hashlib.sha256(b).digest())
     return h.hexdigest()
@@ -128,17 +171,17 @@ def _load_chunk(path: Path, n: int, dim: int) -> dict[str, np.ndarray] | None:
     except Exception:  # a damaged cache entry is recomputed, never trusted
         return None
     v = arrays.get("vectors")
-    if v is None or v.shape != (n, dim) or v.dtype != np.float32 or not np.isfinite(v).all():
+    if v is None or v.shape != (n, dim) or v.dtype != np.float32 or np.isinf(v).any():
         return None
     if arrays.get("brightness", np.zeros(0)).shape != (n,) or arrays.get("contrast", np.zeros(0)).shape != (n,):
         return None
     return arrays
 
 
-def embed_images(images: Images, encoder, model: Model, cache: Path, name: str, progress: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Every image's vector, brightness and contrast, chunk by chunk through the cache. Returns them with the number
-    of chunks reused."""
+def embed_images(images: Images, encoder, model: Model, cache: Path, name: str, crop: Cropper,
+                 progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Every image's vector, brightness and contrast (NaN rows for photographs without a face), chunk by chunk
+    through the cache. Returns them with the number of chunks reused."""
     from safetensors.numpy import save_file
     from tqdm.auto import tqdm
 
@@ -147,18 +190,16 @@ def embed_images(images: Images, encoder, model: Model, cache: Path, name: str, 
     brightness = np.empty(n, np.float32)
     contrast = np.empty(n, np.float32)
     reused = 0
+    tag = crop.tag()
     bar = tqdm(total=n, unit="img", desc=f"embed {name}", disable=not progress, dynamic_ncols=True)
     for start in range(0, n, CHUNK):
         idx = range(start, min(n, start + CHUNK))
         blobs = [images.blob(i) for i in idx]
-        key = _chunk_key(model, blobs)
+        key = _chunk_key(model, tag, blobs)
         path = cache / key[:2] / f"{key}.safetensors"
         got = _load_chunk(path, len(blobs), model.dim) if path.is_file() else None
         if got is None:
-            crops = np.stack([_as_crop(b, images.where(i)) for b, i in zip(blobs, idx)])
-            b, c = crop_stats(crops)
-            got = {"vectors": encoder(crops).astype(np.float32), "brightness": b.astype(np.float32),
-                   "contrast": c.astype(np.float32)}
+            got = _embed_chunk(crop(blobs, [images.where(i) for i in idx]), encoder, model.dim)
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 save_file(got, str(tmp), metadata={"format": CACHE_FORMAT, "model_sha256": model.sha256})
@@ -169,6 +210,41 @@ def embed_images(images: Images, encoder, model: Model, cache: Path, name: str, 
         bar.update(len(blobs))
     bar.close()
     return vectors, brightness, contrast, reused
+
+
+def _embed_chunk(crops: list[np.ndarray | None], encoder, dim: int) -> dict[str, np.ndarray]:
+    n = len(crops)
+    got = {"vectors": np.full((n, dim), np.nan, np.float32), "brightness": np.full(n, np.nan, np.float32),
+           "contrast": np.full(n, np.nan, np.float32)}
+    ok = [i for i, c in enumerate(crops) if c is not None]
+    if ok:
+        stack = np.stack([crops[i] for i in ok])
+        b, c = crop_stats(stack)
+        got["vectors"][ok], got["brightness"][ok], got["contrast"][ok] = encoder(stack), b, c
+    return got
+
+
+def _with_faces(images: Images, vectors: np.ndarray, brightness: np.ndarray, contrast: np.ndarray,
+                impostors: np.ndarray | None) -> tuple[Images, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None,
+                                                       int]:
+    """The set without the photographs in which no face was found (and without identities left with no image;
+    impostor pairs that named one are dropped). Returns them and how many images were left out."""
+    keep = np.flatnonzero(np.isfinite(vectors).all(axis=1))
+    dropped = len(vectors) - len(keep)
+    if not dropped:
+        return images, vectors, brightness, contrast, impostors, 0
+    if not len(keep):
+        raise Digi2RealError(f"{images.where(0)}: no face found in any of the set's {len(vectors)} images; give face "
+                             "photographs or 112 x 112 aligned crops")
+    present, labels = np.unique(images.labels[keep], return_inverse=True)
+    if impostors is not None:
+        new = np.full(len(images.identities), -1, np.int64)
+        new[present] = np.arange(len(present))
+        impostors = new[impostors]
+        impostors = impostors[(impostors >= 0).all(axis=1)]
+    kept = Images(labels.astype(np.int64), [images.identities[c] for c in present],
+                  lambda i: images.blob(int(keep[i])), lambda i: images.where(int(keep[i])))
+    return kept, vectors[keep], brightness[keep], contrast[keep], impostors, dropped
 
 
 # ------------------------------------------------------------------------------------------------------ kinds
@@ -315,7 +391,7 @@ def generated_model(path: Path) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def _generated(path: Path, name: str, dim_hint: int | None) -> AuditSet:
+def _generated(path: Path, name: str) -> AuditSet:
     from digi2real.generation.manifest import IMAGES_DIR, read_rows
     from digi2real.generation.vectors import read_vectors
 
@@ -333,15 +409,17 @@ def _generated(path: Path, name: str, dim_hint: int | None) -> AuditSet:
     files = [path / IMAGES_DIR / p for p in stored.paths]
     note = "vectors stored by generate" + ("" if landmarks is not None else
                                            "; landmarks not measured (the images were taken as aligned crops)")
-    return AuditSet(emb, path, "generated", False, model, lambda i: _as_crop(_read(files[i]), str(files[i])),
+    show = Cropper(resize_only=True)  # the dataset's own aligned crops, whatever size they were written at
+    return AuditSet(emb, path, "generated", False, model, lambda i: show([_read(files[i])], [str(files[i])])[0],
                     lambda i: str(files[i]), note)
 
 
 def open_set(path: str | os.PathLike[str], *, encoder=None, model: Model | None = None, cache: Path,
              name: str | None = None, real: bool | None = None, embed_generated: bool = False,
-             progress: bool = True) -> AuditSet:
+             align: AlignConfig | None = None, progress: bool = True) -> AuditSet:
     """Open the set at ``path`` and embed it (or read its stored vectors). ``encoder`` and ``model`` are needed for
-    every set but a generated dataset read from its stored vectors."""
+    every set but a generated dataset read from its stored vectors; ``align`` holds the MTCNN settings photographs
+    are aligned with (:class:`Cropper`)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise Digi2RealError(f"{p}: not found; give a generated dataset, an image folder, a RecordIO folder, a .bin "
@@ -350,7 +428,7 @@ def open_set(path: str | os.PathLike[str], *, encoder=None, model: Model | None 
         p = p.parent  # a RecordIO file names its folder
     name = name or p.name or str(p)
     if is_generated(p) and not embed_generated:
-        return _generated(p, name, None)
+        return _generated(p, name)
     if encoder is None or model is None:
         raise Digi2RealError(f"{p}: this set has no stored vectors and no ArcFace model was given to embed it; "
                              "pass --model ARCFACE.onnx")
@@ -376,13 +454,24 @@ def open_set(path: str | os.PathLike[str], *, encoder=None, model: Model | None 
         images, kind = _record_images(p), "recordio"
     else:
         images, kind = _folder_images(p), "folder"
-    vectors, brightness, contrast, reused = embed_images(images, encoder, model, cache, name, progress)
+    crop = Cropper(align, resize_only=kind == "bin")
+    vectors, brightness, contrast, reused = embed_images(images, encoder, model, cache, name, crop, progress)
+    chunks = -(-len(images) // CHUNK)
+    images, vectors, brightness, contrast, impostors, faceless = _with_faces(images, vectors, brightness, contrast,
+                                                                             impostors)
     emb = Embedded(name, vectors, images.labels, images.identities, impostor_pairs=impostors,
                    brightness=brightness, contrast=contrast)
-    chunks = -(-len(images) // CHUNK)
     note = f"embedded with {model.name}: {reused} of {chunks} chunks from the cache"
-    return AuditSet(emb, p, kind, kind != "generated" if real is None else real, model,
-                    lambda i: _as_crop(images.blob(i), images.where(i)), images.where, note)
+    if faceless:
+        note += f"; {faceless} photographs without a face found left out"
+
+    def image(i: int) -> np.ndarray:
+        got = crop([images.blob(i)], [images.where(i)])[0]
+        if got is None:
+            raise BadImageError(f"{images.where(i)}: no face found")
+        return got
+
+    return AuditSet(emb, p, kind, kind != "generated" if real is None else real, model, image, images.where, note)
 
 
 def _ijb(p: Path, name: str, encoder, model: Model, cache: Path, progress: bool) -> AuditSet:
