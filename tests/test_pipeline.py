@@ -65,7 +65,7 @@ def test_end_to_end(first_run):
     assert layout.report.is_file() and layout.report.stat().st_size > 10_000
     state = json.loads(layout.state.read_text())["stages"]
     assert all(state[s]["complete"] for s in STAGES)
-    assert layout.shift.is_file()  # the demo's real side: two real photos aligned by MTCNN
+    assert layout.shift.is_file()  # the demo's real side: real-style photographs
     # the audit ran on the kept vectors against the shift's real photos and the held-out benchmark people, and its
     # section is in the report
     audit = json.loads((layout.audit / "audit.json").read_text())

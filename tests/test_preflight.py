@@ -118,7 +118,7 @@ def test_demo_dry_run_is_ready_and_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
     text = "\n".join(said)
     assert "MISSING" not in text and said[-1] == "ready: every input is there"
-    assert "miniature models (random weights) built on the fly" in text
+    assert "the miniature models trained and shipped with the package" in text and "random" not in text
 
 
 def test_local_weights_are_found_and_generation_is_timed(tmp_path, mini_arc2face, mini_arcface):

@@ -377,7 +377,9 @@ def check_weights(cfg: ExperimentConfig, layout: "RunLayout", needed: set[str], 
         gen_stages = tuple(s for s in gen_stages if s != "shift")
     if cfg.miniature:
         if enc_stages or gen_stages:
-            out.append(Check("weights", OK, f"miniature models (random weights) built on the fly in {layout.models}",
+            from digi2real.miniature import SHIPPED
+
+            out.append(Check("weights", OK, f"the miniature models trained and shipped with the package ({SHIPPED})",
                              stages=tuple(dict.fromkeys(enc_stages + gen_stages))))
         return out
     if enc_stages:
@@ -405,8 +407,8 @@ def check_shift_inputs(cfg: ExperimentConfig, layout: "RunLayout") -> list[Check
     from digi2real.generation.shift import is_embeddings_dir
 
     if cfg.shift.real is None:
-        what = "the demo's two real photos (shipped with scikit-image and matplotlib)" if cfg.miniature else \
-            "null: generating without the realism shift"
+        what = ("the demo's real-style photographs, rendered into the run's models/real" if cfg.miniature else
+                "null: generating without the realism shift")
         return [Check("shift.real", OK, what, stages=("shift",))]
     out = []
     for name, path in (("shift.real", cfg.shift.real), ("shift.synthetic", cfg.shift.synthetic)):
