@@ -246,6 +246,9 @@ def test_bad_references_are_refused_in_one_line(tmp_path, sets, model):
     assert evil.returncode == 2 and "evil.bin" in evil.stderr and evil.stderr.strip().count("\n") == 0
     inside = _cli("audit", str(sets["dataset"]), "--model", model, "-o", str(sets["dataset"] / "audit"), "-q")
     assert inside.returncode == 2 and "-o" in inside.stderr
+    cache = _cli("audit", str(sets["dataset"]), "--model", model, "-o", str(tmp_path / "o"), "--cache",
+                 str(sets["dataset"] / "cache"), "-q")
+    assert cache.returncode == 2 and "--cache" in cache.stderr and not (sets["dataset"] / "cache").exists()
 
 
 def test_damaged_kept_vectors_are_refused_and_left_as_they_are(tmp_path, capsys, model):

@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.output.is_dir():
         raise Digi2RealError(f"-o {args.output}: is a file; name a folder for audit.json, audit.md and audit.html")
     check_apart(args.output, [*args.datasets, *args.against])
+    if args.cache is not None:  # the cache is written to as well: never inside a set
+        check_apart(args.cache, [*args.datasets, *args.against], flag="--cache")
     summary = audit(list(args.datasets), list(args.against), args.output, cfg, model=args.model, cache=args.cache,
                     embed_images=args.embed_images, progress=not args.quiet, encoder_cfg=full.encoder,
                     align_cfg=full.align)

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from digi2real.errors import Digi2RealError
+from digi2real.frechet import frechet_distance as gaussian_frechet
 
 #: Quantiles reported for every distribution (name, q).
 QUANTILES = (("min", 0.0), ("p1", 0.01), ("p5", 0.05), ("p25", 0.25), ("median", 0.5), ("p75", 0.75),
@@ -1004,11 +1005,6 @@ def _moments(x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     return mean, cov / (n - 1)
 
 
-def _sqrt_psd(s: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh(s)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between two sets of embeddings (issue 14's realism gap; FID's formula, on the rows of
     ``a`` and ``b`` rather than Inception features): ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), in
@@ -1021,8 +1017,4 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
                              f"{b.shape}")
     mu_a, s_a = _moments(a)
     mu_b, s_b = _moments(b)
-    root = _sqrt_psd(s_a)
-    inner = np.linalg.eigvalsh(root @ s_b @ root)
-    trace_sqrt = float(np.sqrt(np.clip(inner, 0.0, None)).sum())
-    diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * trace_sqrt)
+    return gaussian_frechet(mu_a, s_a, mu_b, s_b)

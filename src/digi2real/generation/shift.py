@@ -27,6 +27,7 @@ import torch
 
 from digi2real.errors import BadImageError, Digi2RealError
 from digi2real.fileio import atomic_path, check_apart
+from digi2real.frechet import frechet_distance
 from digi2real.imageio import IMAGE_SUFFIXES, read_image
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -224,31 +225,10 @@ def conditioning_stats(model: "Arc2Face", embeddings: np.ndarray | torch.Tensor,
     return total / n, pooled
 
 
-def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix by eigen-decomposition (tiny negatives clipped)."""
-    sym = 0.5 * (matrix + matrix.T)
-    values, vectors = np.linalg.eigh(sym)
-    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
-
-
 def _covariance(feats: np.ndarray) -> np.ndarray:
     if len(feats) < 2:
         return np.zeros((feats.shape[1], feats.shape[1]))
     return np.atleast_2d(np.cov(feats, rowvar=False))
-
-
-def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """Fréchet distance between Gaussians: ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``.
-
-    ``tr((S1 S2)^(1/2))`` is computed as ``tr((S1^(1/2) S2 S1^(1/2))^(1/2))``: the same eigenvalues, but of a symmetric
-    PSD matrix, so eigen-decompositions suffice and round-off cannot produce complex values."""
-    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
-    root1 = _sqrt_psd(np.asarray(cov1, np.float64))
-    middle = root1 @ np.asarray(cov2, np.float64) @ root1
-    values = np.linalg.eigvalsh(0.5 * (middle + middle.T))
-    cross = float(np.sqrt(np.clip(values, 0.0, None)).sum())
-    value = float(diff @ diff) + float(np.trace(cov1) + np.trace(cov2)) - 2.0 * cross
-    return max(value, 0.0)
 
 
 def feature_frechet(a: np.ndarray, b: np.ndarray) -> float:
