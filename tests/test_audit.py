@@ -351,3 +351,19 @@ def test_photographs_are_aligned_with_mtcnn_and_faceless_ones_left_out(tmp_path,
     row = next(r for r in csv.DictReader((out / "nearest-dataset-in-photos.csv").open()) if r["identity"] == "planted")
     assert row["nearest_reference_identity"] == max(cosines, key=cosines.get)
     assert float(row["prototype_cosine"]) == pytest.approx(max(cosines.values()), abs=1e-4)
+
+
+def test_a_manifest_path_leading_outside_the_dataset_is_refused(tmp_path, capsys, model):
+    """The report shows the dataset's images: a manifest row naming a file outside images/ is refused, never read."""
+    from digi2real.fileio import sha256_file
+
+    from hostile import refused
+
+    v = np.eye(2, _dim(model))
+    gen = _fake_generated(tmp_path / "gen", v, ["a", "b"], sha256_file(model), model)
+    manifest = gen / "manifest" / "shard-00000-of-00001.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[1]["path"] = "../../secret.png"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = refused(capsys, ["audit", gen, "-o", tmp_path / "out", "-q"], gen)
+    assert "../../secret.png" in line and "not a safe relative path" in line

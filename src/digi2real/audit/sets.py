@@ -406,7 +406,10 @@ def _generated(path: Path, name: str) -> AuditSet:
     emb = Embedded(name, rows.vectors, labels, identities, landmarks=landmarks, brightness=rows.brightness,
                    contrast=rows.contrast)
     model = Model(rows.model_sha256, generated_model(path) or "the dataset's ArcFace", rows.vectors.shape[1])
-    files = [path / IMAGES_DIR / p for p in stored.paths]
+    from digi2real.fileio import confine
+
+    manifest = f"the manifest of {path}"  # a row's path may not lead outside images/ (read into the report)
+    files = [confine(path / IMAGES_DIR, p, manifest) for p in stored.paths]
     note = "vectors stored by generate" + ("" if landmarks is not None else
                                            "; landmarks not measured (the images were taken as aligned crops)")
     show = Cropper(resize_only=True)  # the dataset's own aligned crops, whatever size they were written at
